@@ -1,0 +1,18 @@
+#pragma once
+// Raw-pointer launchers of the CUDA kernels. This header and the .cu files
+// include no torch headers, which keeps nvcc fast; csrc/cuda/aten_ops.cpp
+// turns tensors into these calls. Each launcher returns the launch status.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/timestep.h"
+
+namespace vqkernels::cuda {
+
+cudaError_t launch_timestep_embedding(const void* t, DType t_dtype, void* out, DType out_dtype,
+                                      int64_t n, const common::TimestepParams& params,
+                                      cudaStream_t stream);
+
+}  // namespace vqkernels::cuda

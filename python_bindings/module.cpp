@@ -1,0 +1,27 @@
+// The pybind11 module vqkernels._C: importing it registers the torch ops
+// (python_bindings/ops.cpp is linked in) and exposes what was built.
+#include <torch/extension.h>
+
+#include "vqkernels.h"
+
+#include "build_config.h"
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = VQKERNELS_VERSION;
+  info["torch_version"] = VQKERNELS_TORCH_VERSION;
+  info["openmp"] = vqkernels::built_with_openmp();
+  info["cuda"] = vqkernels::built_with_cuda();
+  info["cuda_version"] = VQKERNELS_CUDA_VERSION;
+  info["cuda_archs"] = VQKERNELS_CUDA_ARCHS;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vqkernels compiled kernels (C++ CPU and CUDA); the ops live in torch.ops.vqkernels";
+  m.def("build_info", &build_info, "What this extension was built with.");
+}

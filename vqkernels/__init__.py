@@ -1,0 +1,7 @@
+"""vqkernels: fused GPU kernels for VQ tokenizers and diffusion transformers."""
+from vqkernels import nn, ops, reference
+from vqkernels._dispatch import BackendUnavailableError
+from vqkernels._info import info
+from vqkernels._version import __version__
+
+__all__ = ["BackendUnavailableError", "__version__", "info", "nn", "ops", "reference"]

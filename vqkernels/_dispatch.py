@@ -1,0 +1,111 @@
+"""Backend selection shared by every op.
+
+Each op declares its backends as ``Backend`` records and, per device type, the
+order in which ``backend="auto"`` tries them (fastest first, as measured; the
+op file says why). An explicitly named backend that cannot take the input
+raises ``BackendUnavailableError`` listing every reason; only ``auto`` moves on
+to the next backend.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vqkernels import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "VQKERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was named explicitly but cannot run this input."""
+
+
+def triton_reasons(device: torch.device) -> list[str]:
+    """Why Triton cannot run on ``device``: it needs a GPU, or the interpreter on CPU."""
+    try:
+        import triton  # noqa: F401  (imported here: TRITON_INTERPRET must be set first)
+    except ImportError as error:
+        return [f"triton is not importable ({error})"]
+    if device.type == "cuda":
+        return []
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return []
+    return [f"Triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {device.type}"]
+
+
+def _library_reasons(name: str, device: torch.device) -> list[str]:
+    if name == "reference":
+        return []
+    if name == "triton":
+        return triton_reasons(device)
+    reasons = list(_ext.cpu_kernels_reasons() if name == "cpu" else _ext.cuda_kernels_reasons())
+    if device.type != name:
+        reasons.append(f"the {name} backend needs a {name.upper()} tensor, got {device.type}")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op and what it accepts."""
+
+    name: str
+    run: Callable
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype the op accepts
+    limits: Callable[..., list[str]] | None = None  # op-specific shape limits -> reasons
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, **shape) -> list[str]:
+        reasons = _library_reasons(self.name, device)
+        if self.dtypes is not None and dtype not in self.dtypes:
+            reasons.append(f"dtype {dtype} is not one of {list(self.dtypes)}")
+        if self.limits is not None:
+            reasons += self.limits(device=device, dtype=dtype, **shape)
+        return reasons
+
+
+@dataclass
+class OpDispatch:
+    """The backends of one op and the order ``auto`` tries them in, per device type."""
+
+    op: str
+    backends: dict[str, Backend]
+    auto_order: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def select(self, requested: str | None, device: torch.device, dtype: torch.dtype,
+               **shape) -> Backend:
+        name = requested_backend(requested)
+        if name == "auto":
+            return self._auto(device, dtype, **shape)
+        backend = self.backends.get(name)
+        if backend is None:
+            raise BackendUnavailableError(f"{self.op} has no {name!r} backend "
+                                          f"(it has {sorted(self.backends)})")
+        reasons = backend.not_supported_reasons(device, dtype, **shape)
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend {name!r} cannot run {self.op} on this input: " + "; ".join(reasons))
+        return backend
+
+    def _auto(self, device: torch.device, dtype: torch.dtype, **shape) -> Backend:
+        for name in self.auto_order.get(device.type, ()) + ("reference",):
+            if not self.backends[name].not_supported_reasons(device, dtype, **shape):
+                return self.backends[name]
+        raise BackendUnavailableError(f"no backend of {self.op} can run this input: "
+                                      f"{self.explain(device, dtype, **shape)}")
+
+    def explain(self, device: torch.device, dtype: torch.dtype, **shape) -> dict[str, list[str]]:
+        """Every backend's reasons for refusing this input ([] = usable); for info()."""
+        return {name: b.not_supported_reasons(device, dtype, **shape)
+                for name, b in self.backends.items()}
+
+
+def requested_backend(requested: str | None) -> str:
+    """The backend a call asks for: its argument, else $VQKERNELS_BACKEND, else auto."""
+    name = requested if requested is not None else os.environ.get(ENV_VAR, "auto")
+    if name != "auto" and name not in BACKENDS:
+        source = "backend" if requested is not None else ENV_VAR
+        raise ValueError(f"{source} must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return name

@@ -1,0 +1,401 @@
+"""Pure-PyTorch reference for DDIM sampling (the specification).
+
+Reproduces the numerics of diffusers' ``DDIMScheduler`` (noise tables,
+``set_timesteps``, ``step``, ``add_noise``) as plain functions, plus the
+classifier-free-guidance combine that a DiT sampler applies before each step.
+Fast fused kernels are tested against these functions.
+
+Notation (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12):
+``a_t = alphas_cumprod[t]`` (written alpha-bar elsewhere), ``x_t`` the noisy
+sample, ``eps`` the noise, ``x0`` the clean sample, with
+``x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps``.
+
+Tables default to float64 (the truth); ``dtype=torch.float32`` reproduces
+diffusers' float32 tables bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "betas_for_schedule",
+    "alphas_cumprod",
+    "final_alpha_cumprod",
+    "ddim_timesteps",
+    "prev_timesteps",
+    "cfg_combine",
+    "cfg_combine_batched",
+    "ddim_step",
+    "add_noise",
+]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+# --------------------------------------------------------------------------
+# Noise tables
+# --------------------------------------------------------------------------
+
+def _cosine_alpha_bar(t: float) -> float:
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    # Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    # Flawed", Algorithm 1: shift sqrt(alpha_bar) so its last value is 0 and
+    # scale it so its first value is unchanged.
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt ** 2
+    alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+def betas_for_schedule(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas=None,
+    rescale_betas_zero_snr: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Per-step noise variances ``betas`` of shape ``(num_train_timesteps,)``.
+
+    - ``"linear"``: ``linspace(beta_start, beta_end, T)``.
+    - ``"scaled_linear"``: ``linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``
+      (Stable Diffusion / latent diffusion).
+    - ``"squaredcos_cap_v2"``: Nichol & Dhariwal 2021 cosine schedule,
+      ``alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2) ** 2`` and
+      ``beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), 0.999)``
+      (computed in Python double, like diffusers' ``betas_for_alpha_bar``).
+    - ``trained_betas`` (array-like), when given, overrides the schedule.
+
+    ``rescale_betas_zero_snr`` then applies Lin et al. 2023, Algorithm 1, so
+    that ``alphas_cumprod[-1] == 0`` (zero terminal SNR) while
+    ``alphas_cumprod[0]`` is kept.
+
+    The table is computed in ``dtype``: float64 (default) is the truth,
+    float32 reproduces diffusers' ``DDIMScheduler.betas`` exactly.
+
+    Raises ``ValueError`` naming ``beta_schedule`` for an unknown schedule.
+    """
+    if trained_betas is not None:
+        betas = torch.as_tensor(trained_betas, dtype=dtype).clone()
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=dtype)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(
+            beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=dtype
+        ) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        T = num_train_timesteps
+        betas = torch.tensor(
+            [
+                min(1 - _cosine_alpha_bar((i + 1) / T) / _cosine_alpha_bar(i / T), 0.999)
+                for i in range(T)
+            ],
+            dtype=dtype,
+        )
+    else:
+        raise ValueError(
+            f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}"
+        )
+    if rescale_betas_zero_snr:
+        betas = _rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """``a_t = prod_{s <= t} (1 - beta_s)``, same shape and dtype as ``betas``."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def final_alpha_cumprod(alphas_cumprod: torch.Tensor, set_alpha_to_one: bool) -> torch.Tensor:
+    """The ``a_prev`` used by the last DDIM step (where ``prev_t < 0``).
+
+    ``1.0`` when ``set_alpha_to_one`` (the last step lands on the clean
+    sample), else ``alphas_cumprod[0]``. Returned as a 0-d tensor with the
+    table's dtype and device.
+    """
+    if set_alpha_to_one:
+        return torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
+    return alphas_cumprod[0].clone()
+
+
+# --------------------------------------------------------------------------
+# Timestep schedule
+# --------------------------------------------------------------------------
+
+def ddim_timesteps(
+    num_inference_steps: int,
+    num_train_timesteps: int = 1000,
+    timestep_spacing: str = "leading",
+    steps_offset: int = 0,
+    *,
+    device=None,
+) -> torch.Tensor:
+    """The descending int64 timesteps of diffusers' ``DDIMScheduler.set_timesteps``.
+
+    With ``T = num_train_timesteps`` and ``n = num_inference_steps``:
+
+    - ``"leading"``: ``arange(n)[::-1] * (T // n) + steps_offset``.
+    - ``"trailing"``: ``round(arange(T, 0, -T / n)) - 1`` (``steps_offset``
+      is ignored, as in diffusers).
+    - ``"linspace"``: ``round(linspace(0, T - 1, n))[::-1]`` (``steps_offset``
+      is ignored, as in diffusers).
+
+    Rounding is numpy's (half to even, e.g. 832.5 -> 832), and the float
+    arithmetic follows numpy's ``arange``/``linspace`` step by step, so every
+    value equals diffusers'. One deliberate difference: for some ``n``
+    (T = 1000: n = 61, 103, 121, ...) numpy's ``arange`` for ``"trailing"``
+    yields an extra element ~0 through float rounding and diffusers returns
+    ``n + 1`` timesteps ending in ``-1``; here the result always has exactly
+    ``n`` entries (diffusers' first ``n``).
+
+    Raises ``ValueError`` naming ``num_inference_steps`` when it is not in
+    ``[1, T]`` and naming ``timestep_spacing`` when it is unknown.
+    """
+    T, n = int(num_train_timesteps), int(num_inference_steps)
+    if n > T:
+        raise ValueError(
+            f"num_inference_steps ({n}) cannot be larger than num_train_timesteps ({T})"
+        )
+    if n < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+    if timestep_spacing == "leading":
+        ratio = T // n
+        values = [i * ratio + steps_offset for i in reversed(range(n))]
+    elif timestep_spacing == "trailing":
+        # numpy arange(start, stop, step) fills start + i * ((start + step) - start).
+        step = -(T / n)
+        delta = (T + step) - T
+        raw = [float(T), T + step] + [T + i * delta for i in range(2, n)]
+        values = [round(v) - 1 for v in raw[:n]]
+    elif timestep_spacing == "linspace":
+        # numpy linspace(0, stop, n) is i * (stop / (n - 1)) with the last set to stop.
+        stop = float(T - 1)
+        raw = [i * (stop / (n - 1)) for i in range(n)] if n > 1 else [0.0]
+        if n > 1:
+            raw[-1] = stop
+        values = [round(v) for v in reversed(raw)]
+    else:
+        raise ValueError(
+            f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}"
+        )
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def prev_timesteps(timesteps, num_inference_steps: int, num_train_timesteps: int = 1000):
+    """The timestep each DDIM step moves to: ``t - T // n``.
+
+    This is exactly what diffusers' ``DDIMScheduler.step`` does for every
+    ``timestep_spacing``, so for "trailing"/"linspace" the previous timestep
+    is not always the next entry of the schedule (T = 1000, n = 3 trailing:
+    timesteps 999, 666, 332 step to 666, 333, -333). A negative result means
+    "past the start": the step then uses ``final_alpha_cumprod``.
+
+    Works on a Python int (returns an int) or an integer tensor of any shape.
+    """
+    return timesteps - num_train_timesteps // num_inference_steps
+
+
+# --------------------------------------------------------------------------
+# Classifier-free guidance
+# --------------------------------------------------------------------------
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # float64 stays float64 (the truth); anything narrower is computed in float32.
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + s * (cond - uncond)``.
+
+    Computed in float64 for float64 inputs, else float32; returned in
+    ``cond.dtype``.
+    """
+    ct = _compute_dtype(uncond, cond)
+    u, c = uncond.to(ct), cond.to(ct)
+    return (u + guidance_scale * (c - u)).to(cond.dtype)
+
+
+def cfg_combine_batched(
+    model_output: torch.Tensor, guidance_scale: float, channels: int | None = None
+) -> torch.Tensor:
+    """Guidance on a doubled batch, DiT style.
+
+    ``model_output`` has batch ``2B`` ordered ``[cond; uncond]``: rows
+    ``0..B-1`` are the conditional predictions and rows ``B..2B-1`` the
+    unconditional ones (the order of DiT's ``forward_with_cfg``). Channel
+    dim is 1. The first ``channels`` channels (all when ``None``) are the
+    noise prediction and get ``cfg_combine(uncond, cond, s)``; the remaining
+    channels (e.g. DiT's learned variance) are passed through from the cond
+    half. Returns the ``(B, ...)`` guided output.
+    """
+    if model_output.shape[0] % 2:
+        raise ValueError(
+            f"model_output batch must be even ([cond; uncond]), got shape {tuple(model_output.shape)}"
+        )
+    cond, uncond = model_output.chunk(2, dim=0)
+    if channels is None:
+        return cfg_combine(uncond, cond, guidance_scale)
+    eps = cfg_combine(uncond[:, :channels], cond[:, :channels], guidance_scale)
+    return torch.cat([eps, cond[:, channels:]], dim=1)
+
+
+# --------------------------------------------------------------------------
+# Step and forward noising
+# --------------------------------------------------------------------------
+
+def _alpha_at(alphas_cumprod, timestep, final, sample: torch.Tensor, dtype: torch.dtype):
+    """``alphas_cumprod[timestep]`` shaped to broadcast against ``sample``.
+
+    Negative timesteps select ``final`` (when given). Python ints are looked
+    up on the host; tensors are gathered on the table's device with no host
+    sync. A ``(B,)`` tensor gives one value per sample, shaped
+    ``(B, 1, ..., 1)``.
+    """
+    if isinstance(timestep, torch.Tensor):
+        t = timestep.to(alphas_cumprod.device)
+        a = alphas_cumprod[t.clamp(min=0)]
+        if final is not None:
+            f = torch.as_tensor(final, dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
+            a = torch.where(t >= 0, a, f)
+        a = a.to(device=sample.device, dtype=dtype)
+        if a.dim() == 1:
+            a = a.reshape(-1, *([1] * (sample.dim() - 1)))
+        return a
+    if timestep < 0 and final is not None:
+        a = torch.as_tensor(final, dtype=alphas_cumprod.dtype)
+    else:
+        a = alphas_cumprod[timestep]
+    return a.to(device=sample.device, dtype=dtype)
+
+
+def _threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    # Imagen dynamic thresholding (Saharia et al. 2022), as diffusers'
+    # _threshold_sample: s = quantile(|x0|, ratio) per sample over all
+    # non-batch dims, s clamped to [1, max_value], x0 -> clamp(x0, -s, s) / s.
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    timestep,
+    sample: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod,
+    *,
+    num_inference_steps: int,
+    num_train_timesteps: int = 1000,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    use_clipped_model_output: bool = False,
+    variance_noise: torch.Tensor | None = None,
+):
+    """One DDIM step ``x_t -> x_{prev_t}``; returns ``(prev_sample, pred_original_sample)``.
+
+    The math of diffusers' ``DDIMScheduler.step`` (DDIM paper, eq. 12), with
+    ``prev_t = t - T // n`` (see ``prev_timesteps``), ``a_t =
+    alphas_cumprod[t]``, ``a_prev = alphas_cumprod[prev_t]`` or
+    ``final_alpha_cumprod`` when ``prev_t < 0``, ``b_t = 1 - a_t``:
+
+    1. From the model output, per ``prediction_type``:
+       ``"epsilon"``: ``x0 = (x_t - sqrt(b_t) * out) / sqrt(a_t)``, ``eps = out``;
+       ``"sample"``: ``x0 = out``, ``eps = (x_t - sqrt(a_t) * x0) / sqrt(b_t)``;
+       ``"v_prediction"``: ``x0 = sqrt(a_t) * x_t - sqrt(b_t) * out``,
+       ``eps = sqrt(a_t) * out + sqrt(b_t) * x_t``.
+    2. ``thresholding``: Imagen dynamic thresholding of ``x0`` (per sample,
+       ``s = quantile(|x0|, dynamic_thresholding_ratio)`` over all non-batch
+       dims clamped to ``[1, sample_max_value]``, ``x0 = clamp(x0, -s, s) / s``);
+       otherwise ``clip_sample``: ``x0 = clamp(x0, -r, r)``.
+    3. ``var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)``,
+       ``std = eta * sqrt(var)``.
+    4. ``use_clipped_model_output``: ``eps = (x_t - sqrt(a_t) * x0) / sqrt(b_t)``
+       from the (clipped) ``x0``.
+    5. ``prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev - std^2) * eps``
+       (the radicand clamped at 0, which only differs from diffusers where
+       rounding would make it negative and diffusers returns NaN), plus
+       ``std * variance_noise`` when ``eta > 0``.
+
+    ``timestep`` is a Python int, a 0-d integer tensor, or a ``(B,)`` int64
+    tensor of per-sample timesteps (each sample uses its own ``a_t`` and
+    ``a_prev``, so a batched call equals stepping each sample alone; the
+    thresholding quantile is per sample too). Tensor timesteps are resolved
+    on device with no host sync; keep ``alphas_cumprod`` on the sample's
+    device for that. Math runs in float64 when ``sample`` or
+    ``model_output`` is float64, else in float32; outputs have
+    ``sample.dtype``.
+
+    Raises ``ValueError`` naming ``prediction_type`` when unknown and naming
+    ``variance_noise`` when ``eta > 0`` and it is missing.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
+    if eta > 0 and variance_noise is None:
+        raise ValueError("variance_noise is required when eta > 0 (the reference draws no noise)")
+    ct = _compute_dtype(sample, model_output)
+    x_t, out = sample.to(ct), model_output.to(ct)
+    prev_t = prev_timesteps(timestep, num_inference_steps, num_train_timesteps)
+    a_t = _alpha_at(alphas_cumprod, timestep, None, sample, ct)
+    a_prev = _alpha_at(alphas_cumprod, prev_t, final_alpha_cumprod, sample, ct)
+    b_t = 1 - a_t
+
+    if prediction_type == "epsilon":
+        x0 = (x_t - b_t.sqrt() * out) / a_t.sqrt()
+        eps = out
+    elif prediction_type == "sample":
+        x0 = out
+        eps = (x_t - a_t.sqrt() * x0) / b_t.sqrt()
+    else:
+        x0 = a_t.sqrt() * x_t - b_t.sqrt() * out
+        eps = a_t.sqrt() * out + b_t.sqrt() * x_t
+
+    if thresholding:
+        x0 = _threshold_sample(x0, dynamic_thresholding_ratio, sample_max_value)
+    elif clip_sample:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+
+    variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
+    std = eta * variance.sqrt()
+
+    if use_clipped_model_output:
+        eps = (x_t - a_t.sqrt() * x0) / b_t.sqrt()
+
+    direction = (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps
+    prev = a_prev.sqrt() * x0 + direction
+    if eta > 0:
+        prev = prev + std * variance_noise.to(ct)
+    return prev.to(sample.dtype), x0.to(sample.dtype)
+
+
+def add_noise(
+    original: torch.Tensor, noise: torch.Tensor, timesteps, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """Forward diffusion ``q(x_t | x0)``: ``sqrt(a_t) * x0 + sqrt(1 - a_t) * noise``.
+
+    ``timesteps`` is a Python int, a 0-d tensor, or a ``(B,)`` tensor of
+    per-sample timesteps (broadcast over the non-batch dims). Math in
+    float64 for float64 inputs, else float32; output in ``original.dtype``.
+    """
+    ct = _compute_dtype(original, noise)
+    a = _alpha_at(alphas_cumprod, timesteps, None, original, ct)
+    return (a.sqrt() * original.to(ct) + (1 - a).sqrt() * noise.to(ct)).to(original.dtype)
