@@ -1,9 +1,9 @@
 // ATen-facing launchers of the CUDA kernels: tensors in, raw pointers out.
 // Compiled by the host compiler; the kernels themselves live in the .cu files.
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "common/checks.h"
 #include "kernels.h"
@@ -22,7 +22,7 @@ at::Tensor timestep_embedding_cuda(const at::Tensor& t, int64_t dim, double max_
   at::Tensor out = at::empty({tc.size(0), dim}, tc.options().dtype(dtype));
   C10_CUDA_CHECK(cuda::launch_timestep_embedding(tc.const_data_ptr(), to_dtype(tc.scalar_type()),
                                                  out.mutable_data_ptr(), to_dtype(dtype),
-                                                 tc.size(0), p, at::cuda::getCurrentCUDAStream()));
+                                                 tc.size(0), p, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
