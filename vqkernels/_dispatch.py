@@ -68,11 +68,16 @@ class Backend:
 
 @dataclass
 class OpDispatch:
-    """The backends of one op and the order ``auto`` tries them in, per device type."""
+    """The backends of one op and the order ``auto`` tries them in, per device type.
+
+    ``auto_skip`` maps a backend to a further condition that only ``auto``
+    applies (the backend can run the input, but another is faster there).
+    """
 
     op: str
     backends: dict[str, Backend]
     auto_order: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    auto_skip: dict[str, Callable[..., list[str]]] = field(default_factory=dict)
 
     def select(self, requested: str | None, device: torch.device, dtype: torch.dtype,
                **shape) -> Backend:
@@ -91,6 +96,9 @@ class OpDispatch:
 
     def _auto(self, device: torch.device, dtype: torch.dtype, **shape) -> Backend:
         for name in self.auto_order.get(device.type, ()) + ("reference",):
+            skip = self.auto_skip.get(name)
+            if skip is not None and skip(device=device, dtype=dtype, **shape):
+                continue
             if not self.backends[name].not_supported_reasons(device, dtype, **shape):
                 return self.backends[name]
         raise BackendUnavailableError(f"no backend of {self.op} can run this input: "

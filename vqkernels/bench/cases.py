@@ -1,0 +1,60 @@
+"""Benchmark cases: what is timed, on which inputs, and the floor it is judged by.
+
+A ``Case`` is one op at one shape. Its backends are zero-arg callables that all
+run on the same freshly drawn random inputs; the ``"reference"`` entry (the
+pure-PyTorch spec) is the baseline of every speed-up. ``bytes`` is the least
+memory traffic the op can do (each input read once, each output written once)
+and ``flops`` its arithmetic; the runner turns them into achieved GB/s or
+TFLOP/s and into a floor time on the device.
+
+Each op family has a module with ``cases(device, quick) -> list[Case]``;
+adding a family is one line in ``OP_MODULES``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+REFERENCE = "reference"
+
+# op family -> module providing cases(device: torch.device, quick: bool) -> list[Case]
+OP_MODULES = {
+    "timestep": "vqkernels.bench.timestep",
+}
+
+
+@dataclass
+class Case:
+    """One op at one shape: a callable per backend, all on the same inputs."""
+
+    op: str
+    shape: str
+    fns: dict[str, Callable[[], object]]  # backend name -> zero-arg callable; holds REFERENCE
+    bytes: int  # minimum bytes moved: inputs read once + outputs written once
+    flops: int = 0  # floating-point operations (0: not a compute-bound op)
+    flop_dtype: str = "fp32"  # which FLOP/s ceiling applies: "fp32", "tf32" or "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}-{self.shape}"
+
+
+def usable_backends(dispatch, device: torch.device, dtype: torch.dtype, **shape) -> list[str]:
+    """Backends of ``dispatch`` that can run this input here, the reference first."""
+    usable = [name for name, reasons in dispatch.explain(device, dtype, **shape).items()
+              if not reasons]
+    return sorted(usable, key=lambda name: name != REFERENCE)
+
+
+def load_cases(ops: list[str], device: torch.device, quick: bool) -> list[Case]:
+    """The cases of each named op family, in order."""
+    unknown = [op for op in ops if op not in OP_MODULES]
+    if unknown:
+        raise ValueError(f"unknown op families {unknown}; valid: {sorted(OP_MODULES)}")
+    cases = []
+    for op in ops:
+        cases += importlib.import_module(OP_MODULES[op]).cases(device, quick)
+    return cases
