@@ -102,7 +102,7 @@ def make_extension():
         "VQKERNELS_CUDA_VERSION": torch.version.cuda if build_cuda else "",
         "VQKERNELS_CUDA_ARCHS": os.environ["TORCH_CUDA_ARCH_LIST"] if build_cuda else "",
     })
-    cxx_flags = ["-O3", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     nvcc_flags = ["-O3", "-lineinfo"]  # no fast math: sin/cos of large arguments must stay exact
     macros = []
     if build_cuda:

@@ -42,3 +42,39 @@ def assert_within_contract(op: str, dtype: torch.dtype, out: torch.Tensor,
     bound = multiple * ref_err + tol.atol
     assert err <= bound, (f"{op} {kind} {dtype} {what}: max error {err:.3e} exceeds "
                           f"{multiple}x the reference's {ref_err:.3e} + {tol.atol:.0e}")
+
+
+# Nearest-code search: the chosen code's true (fp64) distance may exceed the true
+# minimum by at most rtol * (|z|^2 + max |e|^2), the scale of the cancellation in
+# a |e|^2 - 2 z.e search. Keyed by (input dtype, precision of the products).
+SEARCH_RTOL = {
+    (torch.float64, "ieee"): 1e-12,
+    (torch.float32, "ieee"): 1e-5,
+    (torch.float32, "tf32"): 4e-3,
+    (torch.float32, "bf16"): 3e-2,
+    (torch.float16, "bf16"): 1e-4,   # products of the fp16 values themselves: exact in fp32
+    (torch.bfloat16, "bf16"): 1e-4,
+    (torch.float16, "ieee"): 1e-5,
+    (torch.bfloat16, "ieee"): 1e-5,
+    (torch.float16, "tf32"): 1e-4,
+    (torch.bfloat16, "tf32"): 1e-4,
+}
+
+
+def assert_nearest(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                   distances: torch.Tensor, precision: str, what: str = "") -> None:
+    """indices pick a code within tolerance of the true nearest; distances are its true distance."""
+    z64, e64 = z.detach().double().cpu(), codebook.detach().double().cpu()
+    indices, distances = indices.cpu(), distances.double().cpu()
+    assert indices.dtype == torch.int64 and indices.shape == (z.shape[0],), what
+    if z.shape[0] == 0:
+        return
+    true = ((z64[:, None, :] - e64[None]) ** 2).sum(-1)  # exact, small shapes only
+    chosen = true.gather(1, indices[:, None]).squeeze(1)
+    scale = z64.square().sum(1) + e64.square().sum(1).max()
+    rtol = SEARCH_RTOL[(z.dtype, precision)]
+    gap = chosen - true.min(1).values
+    worst = (gap / scale).max().item()
+    assert worst <= rtol, f"{what}: chosen code is {worst:.2e} (relative) farther than the nearest, allowed {rtol:.0e}"
+    dist_err = ((distances - chosen).abs() / scale).max().item()
+    assert dist_err <= max(rtol, 1e-6), f"{what}: returned distance off by {dist_err:.2e} (relative)"

@@ -3,5 +3,7 @@ from vqkernels import nn, ops, reference
 from vqkernels._dispatch import BackendUnavailableError
 from vqkernels._info import info
 from vqkernels._version import __version__
+from vqkernels.nn import VectorQuantizer
 
-__all__ = ["BackendUnavailableError", "__version__", "info", "nn", "ops", "reference"]
+__all__ = ["BackendUnavailableError", "VectorQuantizer", "__version__", "info", "nn", "ops",
+           "reference"]

@@ -19,9 +19,12 @@ struct TimestepParams {
   bool flip_sin_to_cos;    // [cos, sin] when true, else [sin, cos]
 };
 
+VQK_HOST_DEVICE float timestep_frequency(int i, const TimestepParams& p) {
+  return expf(p.neg_log_max_period * static_cast<float>(i) / p.freq_denominator);
+}
+
 VQK_HOST_DEVICE float timestep_argument(float t, int i, const TimestepParams& p) {
-  const float freq = expf(p.neg_log_max_period * static_cast<float>(i) / p.freq_denominator);
-  return p.scale * (t * freq);
+  return p.scale * (t * timestep_frequency(i, p));
 }
 
 // Output columns of the cosine and the sine of frequency i.

@@ -26,4 +26,31 @@ at::Tensor timestep_embedding_cuda(const at::Tensor& t, int64_t dim, double max_
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
+                                                     const at::Tensor& codebook_sqnorm,
+                                                     std::string_view precision) {
+  VQK_CHECK_DEVICE(z, at::kCUDA);
+  VQK_CHECK_DEVICE(codebook, at::kCUDA);
+  TORCH_CHECK(z.device() == codebook.device(), "z and codebook must be on the same device, got ",
+              z.device(), " and ", codebook.device());
+  check_nearest_code_args(z, codebook, codebook_sqnorm, precision);
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kHalf ||
+                  z.scalar_type() == at::kBFloat16,
+              "nearest_code on CUDA takes float32, float16 or bfloat16, got ", z.scalar_type());
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor zc = z.contiguous(), ec = codebook.contiguous();
+  const int64_t n = zc.size(0);
+  at::Tensor indices = at::empty({n}, zc.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({n}, zc.options().dtype(at::kFloat));
+  if (n == 0) return {indices, distances};
+  // One packed (score, index) key per row: the search merges its code splits there.
+  at::Tensor keys = at::empty({n}, zc.options().dtype(at::kLong));
+  C10_CUDA_CHECK(cuda::launch_nearest_code(
+      zc.const_data_ptr(), ec.const_data_ptr(), to_dtype(zc.scalar_type()), n, ec.size(0),
+      zc.size(1), reinterpret_cast<unsigned long long*>(keys.mutable_data_ptr<int64_t>()),
+      indices.mutable_data_ptr<int64_t>(), distances.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream()));
+  return {indices, distances};
+}
+
 }  // namespace vqkernels

@@ -22,6 +22,7 @@ REFERENCE = "reference"
 
 # op family -> module providing cases(device: torch.device, quick: bool) -> list[Case]
 OP_MODULES = {
+    "search": "vqkernels.bench.search",
     "timestep": "vqkernels.bench.timestep",
 }
 
@@ -43,9 +44,12 @@ class Case:
 
 
 def usable_backends(dispatch, device: torch.device, dtype: torch.dtype, **shape) -> list[str]:
-    """Backends of ``dispatch`` that can run this input here, the reference first."""
+    """Backends of ``dispatch`` that can run this input here, the reference first.
+
+    Triton on a CPU (the interpreter) is a test tool, not a contender: left out.
+    """
     usable = [name for name, reasons in dispatch.explain(device, dtype, **shape).items()
-              if not reasons]
+              if not reasons and not (name == "triton" and device.type == "cpu")]
     return sorted(usable, key=lambda name: name != REFERENCE)
 
 

@@ -70,9 +70,6 @@ def format_table(rows: list[dict], meta: dict) -> str:
               f"ceilings ({ceil['source']}): {copy}; {flops or 'FLOP/s unknown'}",
               "floor = bytes / bandwidth (or flops / peak when larger); "
               "% ceil = floor / time; x floor = time / floor"]
-    if meta["triton_interpret"] and any(r["backend"] == "triton" and r["device"] == "cpu"
-                                        for r in rows):
-        lines.append("triton rows on cpu ran under the Triton interpreter: not kernel speed")
     return "\n".join(lines)
 
 

@@ -1,0 +1,70 @@
+"""Benchmark cases of ``vqkernels.ops.nearest_code``.
+
+Baselines are the PyTorch a user would write, at the same precision: the
+matmul expansion ``|z|^2 - 2 z e^T + |e|^2`` then ``argmin`` (the "reference"
+row, every speed-up is against it) and ``torch.cdist`` then ``argmin``. Both
+build the N x K distance matrix; the kernels never do. FLOPs: 2 N K D (the
+z e^T products); bytes: z and the codebook read once, indices and distances
+written once.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from vqkernels.bench.cases import REFERENCE, Case, usable_backends
+from vqkernels.ops import search
+
+# DESIGN.md's shapes at N = 65536 on a GPU; N = 16384 and the issue's CPU targets on a CPU.
+GPU_SHAPES = ((65536, 1024, 256), (65536, 16384, 256), (65536, 16384, 8), (65536, 65536, 32))
+CPU_SHAPES = ((16384, 1024, 256), (16384, 16384, 8))
+GPU_PRECISIONS = ((torch.bfloat16, "bf16"), (torch.float32, "tf32"), (torch.float32, "ieee"))
+FLOP_CEILING = {"ieee": "fp32", "tf32": "tf32", "bf16": "bf16"}
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    """GPU: every shape x precision; CPU: fp32 exact. quick: the first shape only."""
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    precisions = GPU_PRECISIONS if device.type == "cuda" else ((torch.float32, "ieee"),)
+    if quick:
+        shapes, precisions = shapes[:1], precisions[:1]
+    return [_case(device, n, k, d, dtype, precision)
+            for n, k, d in shapes for dtype, precision in precisions]
+
+
+def matmul_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The usual PyTorch search: full N x K distances by the matmul expansion, then argmin."""
+    d = z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)
+    return d.argmin(1)
+
+
+def cdist_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(z, codebook).argmin(1)
+
+
+def _case(device, n, k, d, dtype, precision) -> Case:
+    z = torch.randn(n, d, device=device, dtype=dtype)
+    codebook = torch.randn(k, d, device=device, dtype=dtype)
+    fns = {REFERENCE: _at_precision(matmul_argmin, precision, z, codebook),
+           "torch-cdist": _at_precision(cdist_argmin, precision, z, codebook)}
+    for name in usable_backends(search.DISPATCH, device, dtype, dim=d):
+        if name != REFERENCE:  # the spec's exact N x K x D search is not a contender
+            fns[name] = functools.partial(search.nearest_code, z, codebook, precision=precision,
+                                          backend=name)
+    size = z.element_size()
+    return Case(op="search", shape=f"N{n}xK{k}xD{d}-{precision}", fns=fns,
+                bytes=(n + k) * d * size + n * (8 + 4), flops=2 * n * k * d,
+                flop_dtype=FLOP_CEILING[precision])
+
+
+def _at_precision(fn, precision, *args):
+    """Run a torch baseline with TF32 matmuls allowed exactly when the precision is tf32."""
+    def run():
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        try:
+            return fn(*args)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    return run
