@@ -35,6 +35,39 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const 
                                                      std::string_view precision);
 #endif
 
+// EMA codebook update (see vqkernels/reference/ema.py, math in csrc/common/ema.h).
+// code_counts_and_sums: counts (K,) and sums (K, D) fp32 of z (N, D) grouped by
+// indices (N,) int64 / int32. An index outside [0, K) throws on CPU (before any
+// write) and is skipped on CUDA (no host sync). `deterministic`: the CPU kernels
+// always are (each sum in row order); on CUDA it sorts the rows by code first.
+// ema_update: one EMA step in place on cluster_size (K,) fp32, embed_sum (K, D)
+// fp32 and codebook (K, D); ema_update_from_stats: the same from given counts
+// (K,) and sums (K, D) fp32 (e.g. all-reduced across processes).
+std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cpu(const at::Tensor& z,
+                                                            const at::Tensor& indices,
+                                                            int64_t num_codes, bool deterministic);
+void ema_update_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                    const at::Tensor& codebook, const at::Tensor& z, const at::Tensor& indices,
+                    double decay, double eps, bool bias_correction, int64_t step,
+                    bool deterministic);
+void ema_update_from_stats_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                               const at::Tensor& codebook, const at::Tensor& counts,
+                               const at::Tensor& sums, double decay, double eps,
+                               bool bias_correction, int64_t step);
+#ifdef VQKERNELS_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cuda(const at::Tensor& z,
+                                                             const at::Tensor& indices,
+                                                             int64_t num_codes, bool deterministic);
+void ema_update_cuda(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                     const at::Tensor& codebook, const at::Tensor& z, const at::Tensor& indices,
+                     double decay, double eps, bool bias_correction, int64_t step,
+                     bool deterministic);
+void ema_update_from_stats_cuda(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                                const at::Tensor& codebook, const at::Tensor& counts,
+                                const at::Tensor& sums, double decay, double eps,
+                                bool bias_correction, int64_t step);
+#endif
+
 // Build facts, for vqkernels.info().
 bool built_with_cuda();
 bool built_with_openmp();

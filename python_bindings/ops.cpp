@@ -8,6 +8,16 @@
 
 TORCH_LIBRARY(vqkernels, m) {
   m.def(
+      "code_counts_and_sums(Tensor z, Tensor indices, int num_codes, bool deterministic) -> "
+      "(Tensor counts, Tensor sums)");
+  m.def(
+      "ema_update(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, Tensor z, "
+      "Tensor indices, float decay, float eps, bool bias_correction, int step, "
+      "bool deterministic) -> ()");
+  m.def(
+      "ema_update_from_stats(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, "
+      "Tensor counts, Tensor sums, float decay, float eps, bool bias_correction, int step) -> ()");
+  m.def(
       "timestep_embedding(Tensor t, int dim, float max_period, bool flip_sin_to_cos, "
       "float downscale_freq_shift, float scale, ScalarType dtype) -> Tensor");
   m.def(
@@ -16,12 +26,18 @@ TORCH_LIBRARY(vqkernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+  m.impl("code_counts_and_sums", &vqkernels::code_counts_and_sums_cpu);
+  m.impl("ema_update", &vqkernels::ema_update_cpu);
+  m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cpu);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cpu);
   m.impl("nearest_code", &vqkernels::nearest_code_cpu);
 }
 
 #ifdef VQKERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
+  m.impl("code_counts_and_sums", &vqkernels::code_counts_and_sums_cuda);
+  m.impl("ema_update", &vqkernels::ema_update_cuda);
+  m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cuda);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cuda);
   m.impl("nearest_code", &vqkernels::nearest_code_cuda);
 }

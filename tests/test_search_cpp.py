@@ -25,9 +25,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 EPS = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -24,
        torch.bfloat16: 2.0 ** -24}
 # (N, K, D): odd sizes, primes, both CPU paths (D <= 16 direct, larger D GEMM).
-SHAPES = [(1, 1, 1), (0, 5, 8), (7, 1, 3), (97, 3, 1), (997, 1009, 1), (997, 1009, 3), (1009, 997, 7),
-          (513, 257, 16), (257, 130, 17), (64, 1009, 33), (131, 67, 255), (67, 131, 257),
-          (29, 31, 1024), (2000, 600, 64)]
+SHAPES = [(1, 1, 1), (0, 5, 8), (7, 1, 3), (97, 3, 1), (997, 1009, 1), (997, 1009, 3),
+          (1009, 997, 7), (513, 257, 16), (257, 130, 17), (64, 1009, 33), (131, 67, 255),
+          (67, 131, 257), (29, 31, 1024), (2000, 600, 64)]
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 ISAS = ["avx2", "default"]  # ATEN_CPU_CAPABILITY values; the default run covers avx512 here
 
@@ -76,11 +76,13 @@ def check_near_optimal(z, codebook, indices, distances, what):
     regret = chosen - best
     bad = regret > rank_tol
     assert not bad.any(), (f"{what}: {int(bad.sum())} rows chose a code farther than the minimum "
-                           f"by up to {float(regret.max()):.3e} (tolerance {float(rank_tol.max()):.3e})")
+                           f"by up to {float(regret.max()):.3e} "
+                           f"(tolerance {float(rank_tol.max()):.3e})")
     dist_tol = (d + 2) * EPS[dtype] * chosen + 1e-30
     err = (distances.double() - chosen).abs()
-    assert (err <= dist_tol).all(), (f"{what}: distances off the exact distance of the chosen code "
-                                     f"by up to {float(err.max()):.3e} (tolerance {float(dist_tol.max()):.3e})")
+    assert (err <= dist_tol).all(), (f"{what}: distances off the exact distance of the chosen "
+                                     f"code by up to {float(err.max()):.3e} "
+                                     f"(tolerance {float(dist_tol.max()):.3e})")
 
 
 def random_problem(n, k, d, dtype, generator):
@@ -229,12 +231,29 @@ def test_cuda_rejects_float64():
 
 
 @pytest.mark.cuda
-def test_cuda_large_rows_and_splits(generator):
-    """Many row blocks and code splits, N * D beyond 2^31 bytes of fp16."""
+def test_cuda_many_rows_and_splits(generator):
+    """Many row blocks and several code splits merged by the atomic keys."""
     z, e = random_problem(70000, 4099, 8, torch.float16, generator)
     indices, distances = nearest_code(z.cuda(), e.cuda())
     sample = torch.randperm(z.shape[0], generator=generator)[:2000]
-    check_near_optimal(z[sample], e, indices.cpu()[sample], distances.cpu()[sample], "cuda large")
+    check_near_optimal(z[sample], e, indices.cpu()[sample], distances.cpu()[sample],
+                       "cuda many rows")
+
+
+@pytest.mark.cuda
+def test_cuda_64bit_offsets():
+    """N * D > 2^31 elements (4 GiB of fp16): the last rows must still be right."""
+    d, k = 8, 5
+    n = (1 << 31) // d + 4099
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(n, d, device="cuda", dtype=torch.float16, generator=g)
+    e = torch.randn(k, d, device="cuda", dtype=torch.float16, generator=g)
+    indices, distances = nearest_code(z, e)
+    tail = slice(n - 8192, n)
+    ref_indices, ref_distances = nearest_code(z[tail].cpu(), e.cpu())
+    check_near_optimal(z[tail].cpu(), e.cpu(), indices[tail].cpu(), distances[tail].cpu(),
+                       "cuda rows past 2^31 elements")
+    assert (indices[tail].cpu() == ref_indices).float().mean() > 0.99
 
 
 def run_python(code, env=None, timeout=600):
@@ -255,7 +274,8 @@ def test_other_cpu_isas(isa):
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
             for n, k, d in [(97, 3, 1), (257, 130, 17), (513, 257, 16), (131, 67, 255)]:
                 z, e = t.random_problem(n, k, d, dtype, g)
-                t.check_near_optimal(z, e, *t.nearest_code(z, e), f"{isa} {{dtype}} {{n}} {{k}} {{d}}")
+                what = f"{isa} {{dtype}} {{n}} {{k}} {{d}}"
+                t.check_near_optimal(z, e, *t.nearest_code(z, e), what)
                 z, e, own = t.separated_problem(n, k, d, dtype, g)
                 assert torch.equal(t.nearest_code(z, e)[0], own)
         print("ok")

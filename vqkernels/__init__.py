@@ -3,7 +3,7 @@ from vqkernels import nn, ops, reference
 from vqkernels._dispatch import BackendUnavailableError
 from vqkernels._info import info
 from vqkernels._version import __version__
-from vqkernels.nn import VectorQuantizer
+from vqkernels.nn import VectorQuantize, VectorQuantizer
 
-__all__ = ["BackendUnavailableError", "VectorQuantizer", "__version__", "info", "nn", "ops",
-           "reference"]
+__all__ = ["BackendUnavailableError", "VectorQuantize", "VectorQuantizer", "__version__", "info",
+           "nn", "ops", "reference"]

@@ -51,8 +51,9 @@ inline void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codeb
   TORCH_CHECK(z.size(1) >= 1, "D must be at least 1");
   TORCH_CHECK(codebook.size(0) >= 1 && codebook.size(0) <= (int64_t{1} << 30),
               "codebook must have between 1 and 2^30 codes, got ", codebook.size(0));
-  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "z and codebook must have the same dtype, got ",
-              z.scalar_type(), " and ", codebook.scalar_type());
+  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(),
+              "z and codebook must have the same dtype, got ", z.scalar_type(), " and ",
+              codebook.scalar_type());
   TORCH_CHECK(codebook_sqnorm.numel() == codebook.size(0), "codebook_sqnorm must have K = ",
               codebook.size(0), " elements, got ", codebook_sqnorm.numel());
   TORCH_CHECK(codebook_sqnorm.device() == codebook.device(),

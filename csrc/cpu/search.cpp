@@ -154,7 +154,8 @@ VQK_ALWAYS_INLINE void fold_scores(const Acc* dots, int64_t ld, int64_t rows, co
     Vec b = load_vec<Vec>(best + r * W);
     IVec bk = load_vec<IVec>(best_k + r * W);
     for (int64_t j = 0; j < width; j += W) {
-      const Vec s = common::expanded_score(load_vec<Vec>(sqnorm + j), load_vec<Vec>(dots + r * ld + j));
+      const Vec s =
+          common::expanded_score(load_vec<Vec>(sqnorm + j), load_vec<Vec>(dots + r * ld + j));
       common::update_best(s, lane + static_cast<Index>(k0 + j), b, bk);
     }
     store_vec(best + r * W, b);
@@ -274,7 +275,8 @@ std::vector<Acc> stage_codebook(const Problem<T, Acc>& p, int64_t tile) {
       const int64_t k0 = t * tile, kt = std::min(tile, p.k - k0);
       Acc* et = staged.data() + t * (D + 1) * tile;
       for (int64_t j = 0; j < kt; ++j)
-        for (int64_t d = 0; d < D; ++d) et[d * tile + j] = Acc(-2) * static_cast<Acc>(p.e[(k0 + j) * D + d]);
+        for (int64_t d = 0; d < D; ++d)
+          et[d * tile + j] = Acc(-2) * static_cast<Acc>(p.e[(k0 + j) * D + d]);
       for (int64_t d = 0; d < D; ++d) std::fill(et + d * tile + kt, et + (d + 1) * tile, Acc(0));
       std::copy(p.sqnorm + k0, p.sqnorm + k0 + kt, et + D * tile);
       std::fill(et + D * tile + kt, et + (D + 1) * tile, std::numeric_limits<Acc>::infinity());
@@ -356,7 +358,8 @@ void search(const Problem<T, Acc>& p) {
   const int64_t blocks = (p.n + block_rows - 1) / block_rows;
   if (direct) {
     const int64_t step = p.mk.codes;
-    const int64_t tile = std::max(step, kDirectTileBytes / int64_t((p.dim + 1) * sizeof(Acc)) / step * step);
+    const int64_t code_bytes = (p.dim + 1) * static_cast<int64_t>(sizeof(Acc));
+    const int64_t tile = std::max(step, kDirectTileBytes / code_bytes / step * step);
     const std::vector<Acc> staged = stage_codebook(p, tile);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       search_direct(p, staged.data(), tile, block_rows, b0, b1);

@@ -53,4 +53,126 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const 
   return {indices, distances};
 }
 
+// --- EMA codebook update (kernels in ema.cu) ---------------------------------------------
+
+namespace {
+
+// What would crash the EMA kernels (the rest is validated in vqkernels/ops/ema.py).
+void check_ema_batch_cuda(const at::Tensor& z, const at::Tensor& indices, int64_t num_codes) {
+  VQK_CHECK_DEVICE(z, at::kCUDA);
+  TORCH_CHECK(indices.device() == z.device(), "indices must be on z's device ", z.device());
+  TORCH_CHECK(num_codes >= 1, "num_codes must be >= 1, got ", num_codes);
+  TORCH_CHECK(z.dim() == 2 && z.size(1) >= 1, "z must be 2-D (N, D) with D >= 1");
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kHalf ||
+                  z.scalar_type() == at::kBFloat16,
+              "z must be float32, float16 or bfloat16 on CUDA, got ", z.scalar_type());
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == z.size(0),
+              "indices must be 1-D of length N = ", z.size(0));
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "indices must be int64 or int32, got ", indices.scalar_type());
+}
+
+void check_ema_state_cuda(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                          const at::Tensor& codebook) {
+  VQK_CHECK_DEVICE(cluster_size, at::kCUDA);
+  for (const at::Tensor* t : {&cluster_size, &embed_sum, &codebook}) {
+    TORCH_CHECK(t->device() == cluster_size.device(), "the EMA state must be on one device");
+    TORCH_CHECK(t->is_contiguous(), "the EMA state and codebook must be contiguous");
+  }
+  TORCH_CHECK(cluster_size.dim() == 1 && cluster_size.numel() >= 1,
+              "cluster_size must be 1-D (K,) with K >= 1");
+  TORCH_CHECK(embed_sum.dim() == 2 && embed_sum.size(0) == cluster_size.numel() &&
+                  embed_sum.size(1) >= 1 && codebook.sizes() == embed_sum.sizes(),
+              "embed_sum and codebook must be (K, D) with K = ", cluster_size.numel());
+  TORCH_CHECK(cluster_size.scalar_type() == at::kFloat && embed_sum.scalar_type() == at::kFloat,
+              "cluster_size and embed_sum must be float32");
+}
+
+// counts (k,) u64 (in an int64 tensor) and sums (k, dim) fp32 of a checked batch.
+std::tuple<at::Tensor, at::Tensor> run_code_stats(const at::Tensor& z, const at::Tensor& indices,
+                                                  int64_t k, bool deterministic) {
+  at::Tensor counts = at::empty({k}, z.options().dtype(at::kLong));
+  at::Tensor sums = at::empty({k, z.size(1)}, z.options().dtype(at::kFloat));
+  at::Tensor sorted_codes, order;
+  if (deterministic && z.size(0) > 0) {
+    // A stable sort (deterministic in torch) groups each code's rows in row
+    // order; out-of-range rows get key k and fall outside every segment.
+    const at::Tensor codes = indices.to(at::kLong);
+    const at::Tensor keys = codes.masked_fill(codes.lt(0).logical_or(codes.ge(k)), k);
+    std::tie(sorted_codes, order) = keys.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  }
+  C10_CUDA_CHECK(cuda::launch_code_stats(
+      z.const_data_ptr(), to_dtype(z.scalar_type()), indices.const_data_ptr(),
+      to_dtype(indices.scalar_type()), z.size(0), k, z.size(1),
+      sorted_codes.defined() ? sorted_codes.const_data_ptr<int64_t>() : nullptr,
+      order.defined() ? order.const_data_ptr<int64_t>() : nullptr,
+      reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>()),
+      sums.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return {counts, sums};
+}
+
+void run_ema_finalize(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                      const at::Tensor& codebook, const at::Tensor& counts, DType counts_dtype,
+                      const at::Tensor& sums, double decay, double eps, bool bias_correction,
+                      int64_t step) {
+  TORCH_CHECK(codebook.scalar_type() == at::kFloat || codebook.scalar_type() == at::kHalf ||
+                  codebook.scalar_type() == at::kBFloat16,
+              "codebook must be float32, float16 or bfloat16 on CUDA, got ", codebook.scalar_type());
+  const int64_t k = cluster_size.numel();
+  at::Tensor total = at::empty({1}, cluster_size.options());
+  C10_CUDA_CHECK(cuda::launch_ema_finalize(
+      cluster_size.mutable_data_ptr<float>(), embed_sum.mutable_data_ptr<float>(),
+      codebook.mutable_data_ptr(), to_dtype(codebook.scalar_type()), counts.const_data_ptr(),
+      counts_dtype, sums.const_data_ptr<float>(), k, embed_sum.size(1),
+      common::make_ema_params(decay, eps, bias_correction, step, k),
+      total.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cuda(const at::Tensor& z,
+                                                             const at::Tensor& indices,
+                                                             int64_t num_codes, bool deterministic) {
+  check_ema_batch_cuda(z, indices, num_codes);
+  const c10::cuda::CUDAGuard guard(z.device());
+  auto [counts, sums] = run_code_stats(z.contiguous(), indices.contiguous(), num_codes,
+                                       deterministic);
+  at::Tensor counts_f = at::empty({num_codes}, z.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_counts_to_float(
+      reinterpret_cast<const unsigned long long*>(counts.const_data_ptr<int64_t>()),
+      counts_f.mutable_data_ptr<float>(), num_codes, c10::cuda::getCurrentCUDAStream()));
+  return {counts_f, sums};
+}
+
+void ema_update_cuda(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                     const at::Tensor& codebook, const at::Tensor& z, const at::Tensor& indices,
+                     double decay, double eps, bool bias_correction, int64_t step,
+                     bool deterministic) {
+  check_ema_state_cuda(cluster_size, embed_sum, codebook);
+  check_ema_batch_cuda(z, indices, cluster_size.numel());
+  TORCH_CHECK(z.device() == cluster_size.device(), "z must be on the state's device");
+  TORCH_CHECK(z.size(1) == embed_sum.size(1), "z must have D = ", embed_sum.size(1), " columns");
+  const c10::cuda::CUDAGuard guard(z.device());
+  const auto [counts, sums] = run_code_stats(z.contiguous(), indices.contiguous(),
+                                             cluster_size.numel(), deterministic);
+  run_ema_finalize(cluster_size, embed_sum, codebook, counts, DType::Int64, sums, decay, eps,
+                   bias_correction, step);
+}
+
+void ema_update_from_stats_cuda(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                                const at::Tensor& codebook, const at::Tensor& counts,
+                                const at::Tensor& sums, double decay, double eps,
+                                bool bias_correction, int64_t step) {
+  check_ema_state_cuda(cluster_size, embed_sum, codebook);
+  TORCH_CHECK(counts.device() == cluster_size.device() && sums.device() == cluster_size.device(),
+              "counts and sums must be on the state's device");
+  TORCH_CHECK(counts.numel() == cluster_size.numel() && sums.sizes() == embed_sum.sizes(),
+              "counts must be (K,) and sums (K, D) like cluster_size and embed_sum");
+  TORCH_CHECK(counts.scalar_type() == at::kFloat && sums.scalar_type() == at::kFloat,
+              "counts and sums must be float32");
+  const c10::cuda::CUDAGuard guard(cluster_size.device());
+  run_ema_finalize(cluster_size, embed_sum, codebook, counts.contiguous(), DType::Float32,
+                   sums.contiguous(), decay, eps, bias_correction, step);
+}
+
 }  // namespace vqkernels

@@ -3,7 +3,8 @@
 //
 //   indices[n]   = argmin_k ||z_n - e_k||^2     (lowest k on ties)
 //   distances[n] = ||z_n - e_indices[n]||^2     (exact)
-// fp32 FMA for every precision mode; fp16 / bf16 are converted on load.
+// fp32 FMA for every precision mode; fp16 / bf16 are converted on load. It
+// ranks by the exact distance, so it needs no ||e||^2.
 //
 // Three launches on the caller's stream:
 //  1. init:     keys[n] = search_key(+inf, 0)                       (8 N bytes)
@@ -83,7 +84,8 @@ __global__ void __launch_bounds__(kRows)
       }
       if constexpr (!kOneChunk) {
 #pragma unroll
-        for (int c = 0; c < DC; ++c) zr[c] = (active && d0 + c < dim) ? to_float(z_row[d0 + c]) : 0.0f;
+        for (int c = 0; c < DC; ++c)
+          zr[c] = (active && d0 + c < dim) ? to_float(z_row[d0 + c]) : 0.0f;
       }
       __syncthreads();
 #pragma unroll
@@ -107,7 +109,9 @@ __global__ void __launch_bounds__(kRows)
       if (k0 + j < k_end) common::update_best(acc[j], static_cast<uint32_t>(k0 + j), best, best_k);
     }
   }
-  if (active) atomicMin(keys + row, static_cast<unsigned long long>(common::search_key(best, best_k)));
+  if (active) {
+    atomicMin(keys + row, static_cast<unsigned long long>(common::search_key(best, best_k)));
+  }
 }
 
 template <typename T>

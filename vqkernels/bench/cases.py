@@ -22,6 +22,7 @@ REFERENCE = "reference"
 
 # op family -> module providing cases(device: torch.device, quick: bool) -> list[Case]
 OP_MODULES = {
+    "ema": "vqkernels.bench.ema",
     "search": "vqkernels.bench.search",
     "timestep": "vqkernels.bench.timestep",
 }

@@ -1,5 +1,7 @@
 """nn.Modules built on vqkernels.ops."""
 from vqkernels.nn.quantizer import ReferenceVectorQuantizer, VectorQuantizer, code_usage
 from vqkernels.nn.timestep import TimestepEmbedder
+from vqkernels.nn.vector_quantize import ReferenceVectorQuantize, VectorQuantize
 
-__all__ = ["ReferenceVectorQuantizer", "TimestepEmbedder", "VectorQuantizer", "code_usage"]
+__all__ = ["ReferenceVectorQuantize", "ReferenceVectorQuantizer", "TimestepEmbedder",
+           "VectorQuantize", "VectorQuantizer", "code_usage"]

@@ -1,5 +1,8 @@
 """The public functional API: validation, backend dispatch, autograd, torch.library."""
+from vqkernels.ops.ema import code_counts_and_sums, ema_update_
+from vqkernels.ops.kmeans import kmeans, replace_dead_codes_
 from vqkernels.ops.search import nearest_code, vector_quantize
 from vqkernels.ops.timestep import timestep_embedding
 
-__all__ = ["nearest_code", "timestep_embedding", "vector_quantize"]
+__all__ = ["code_counts_and_sums", "ema_update_", "kmeans", "nearest_code", "replace_dead_codes_",
+           "timestep_embedding", "vector_quantize"]

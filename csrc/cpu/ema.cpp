@@ -1,0 +1,321 @@
+// EMA codebook update, C++ CPU kernels (math in csrc/common/ema.h, spec in
+// vqkernels/reference/ema.py).
+//
+//   counts[k] = #{n : idx[n] = k},  sums[k, :] = sum_{n : idx[n] = k} z[n, :]
+// then the per-code EMA finalize of csrc/common/ema.h.
+//
+// Two passes, both parallel (at::parallel_for), both deterministic whatever
+// the thread count:
+//  1. counts: a histogram per row chunk, summed (integers: exact). It checks
+//     every index first: one outside [0, K) throws before anything is written.
+//     Then (update only) cluster_size and the total, sequential over K.
+//  2. sums: each task owns a block of consecutive codes (blocks of about
+//     equal rows, one per thread; times 64-column slices when one code
+//     outweighs a block) and streams the whole batch in row order, adding the
+//     rows of its codes into their sums. Every element of `sums` is thus a
+//     sequential float sum in row order, whatever the blocks are: the result
+//     never depends on the thread count, so `deterministic` costs nothing.
+//     For the update the task then finalizes its codes (embed_sum, codebook)
+//     while their sums are in cache.
+// Bytes: indices 8 N per task + once more for the counts, z N D s (rows of up
+// to 64 bytes: once per task, branch-free; longer rows: once), the state
+// 12 K D, the codebook K D s. Extra memory: K D fp32 sums (update only) and
+// chunks x K counters.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/ema.h"
+#include "vqkernels.h"
+
+namespace vqkernels {
+namespace {
+
+constexpr int64_t kColumnBlock = 64;               // columns per slice when D is wider
+constexpr int64_t kRowsPerCountChunk = 16384;      // rows per histogram chunk
+constexpr int64_t kMaxHistogramEntries = 1 << 22;  // chunks x K counters, at most
+constexpr int64_t kShortRowBytes = 64;             // rows up to this long: branch-free pass
+
+// Per-code row counts of the batch; throws on an index outside [0, k).
+template <typename I>
+std::vector<int64_t> count_codes(const I* indices, int64_t n, int64_t k) {
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(at::get_num_threads()),
+                   (n + kRowsPerCountChunk - 1) / kRowsPerCountChunk, kMaxHistogramEntries / k}));
+  const int64_t rows_per_chunk = (n + chunks - 1) / chunks;
+  std::vector<int64_t> hist(chunks * k, 0);
+  std::vector<int64_t> bad_row(chunks, -1);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* h = hist.data() + c * k;
+      for (int64_t r = c * rows_per_chunk, end = std::min(n, r + rows_per_chunk); r < end; ++r) {
+        const I code = indices[r];
+        if (!common::is_valid_code(code, k)) {
+          bad_row[c] = r;
+          break;
+        }
+        ++h[code];
+      }
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    TORCH_CHECK_VALUE(bad_row[c] < 0, "indices must be in [0, ", k, ") (the number of codes), "
+                      "found ", static_cast<int64_t>(indices[bad_row[c]]), " at row ", bad_row[c]);
+  }
+  for (int64_t c = 1; c < chunks; ++c) {
+    for (int64_t code = 0; code < k; ++code) hist[code] += hist[c * k + code];
+  }
+  hist.resize(k);
+  return hist;
+}
+
+// Adds z[r, d0 .. d0 + dc) to out[idx[r] * dim + d0 ..] for every row r, in
+// row order, whose code is in [c0, c1) (all codes are valid here).
+template <typename T, typename I>
+void accumulate_rows(const T* z, const I* indices, int64_t n, int64_t dim, int64_t c0, int64_t c1,
+                     int64_t d0, int64_t dc, float* out) {
+  const uint64_t width = static_cast<uint64_t>(c1 - c0);
+  if (dc * static_cast<int64_t>(sizeof(T)) <= kShortRowBytes) {
+    // Short rows: a mispredicted branch costs more than the row, so every row
+    // is added, the other blocks' rows into a scratch row.
+    float trash[kShortRowBytes];
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t code = indices[r];
+      const bool mine = static_cast<uint64_t>(code - c0) < width;
+      float* dst = mine ? out + code * dim + d0 : trash;
+      const T* zr = z + r * dim + d0;
+      for (int64_t d = 0; d < dc; ++d) dst[d] += static_cast<float>(zr[d]);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t code = indices[r];
+    if (static_cast<uint64_t>(code - c0) >= width) continue;
+    float* dst = out + code * dim + d0;
+    const T* zr = z + r * dim + d0;
+    for (int64_t d = 0; d < dc; ++d) dst[d] += static_cast<float>(zr[d]);
+  }
+}
+
+// Tasks of pass 2: code blocks [bounds[b], bounds[b + 1]) of about equal work
+// (rows + 1 per code), one per thread, times column slices of width `slice`.
+struct Tasks {
+  std::vector<int64_t> bounds;
+  int64_t slice, slices;
+  int64_t count() const { return (static_cast<int64_t>(bounds.size()) - 1) * slices; }
+};
+
+Tasks plan_tasks(const std::vector<int64_t>& counts, int64_t dim) {
+  const int64_t k = static_cast<int64_t>(counts.size());
+  int64_t n = 0, heaviest = 0;
+  for (const int64_t c : counts) {
+    n += c;
+    heaviest = std::max(heaviest, c);
+  }
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(k, at::get_num_threads()));
+  Tasks t{std::vector<int64_t>(blocks + 1, k), dim, 1};
+  t.bounds[0] = 0;
+  int64_t work = 0;  // rows + codes before `code`
+  for (int64_t code = 0, b = 1; code < k && b < blocks; work += counts[code] + 1, ++code) {
+    while (b < blocks && work * blocks >= b * (n + k)) t.bounds[b++] = code;
+  }
+  // Slicing re-walks the rows (a TLB miss per row and slice): only against imbalance.
+  if (dim > kColumnBlock && heaviest * blocks > n + k) {
+    t.slice = kColumnBlock;
+    t.slices = (dim + kColumnBlock - 1) / kColumnBlock;
+  }
+  return t;
+}
+
+// Runs pass 2: for each task, zeroes its part of `sums`, adds its rows in, then
+// calls finish(c0, c1, d0, dc) on it.
+template <typename T, typename I, typename Finish>
+void sum_by_code(const T* z, const I* indices, int64_t n, int64_t dim, const Tasks& tasks,
+                 float* sums, const Finish& finish) {
+  at::parallel_for(0, tasks.count(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / tasks.slices, d0 = (t % tasks.slices) * tasks.slice;
+      const int64_t dc = std::min(tasks.slice, dim - d0);
+      const int64_t c0 = tasks.bounds[b], c1 = tasks.bounds[b + 1];
+      for (int64_t code = c0; code < c1; ++code) std::fill_n(sums + code * dim + d0, dc, 0.0f);
+      accumulate_rows(z, indices, n, dim, c0, c1, d0, dc, sums);
+      finish(c0, c1, d0, dc);
+    }
+  });
+}
+
+template <typename F>
+void dispatch_indices(const at::Tensor& indices, const F& f) {
+  if (indices.scalar_type() == at::kInt) {
+    f(indices.const_data_ptr<int32_t>());
+  } else {
+    f(indices.const_data_ptr<int64_t>());
+  }
+}
+
+// cluster_size = ema_mix(cluster_size, count(k)) in place; returns the total of
+// the debiased sizes, summed in float64 in code order.
+template <typename Count>
+float update_cluster_sizes(float* cluster_size, int64_t k, const common::EmaParams& p,
+                           const Count& count) {
+  double total = 0.0;
+  for (int64_t code = 0; code < k; ++code) {
+    cluster_size[code] = common::ema_mix(cluster_size[code], count(code), p);
+    total += common::ema_debiased(cluster_size[code], p);
+  }
+  return static_cast<float>(total);
+}
+
+// embed_sum and codebook columns [d0, d0 + dc) of one code from its statistics.
+// Two loops rather than a store under a condition, so both vectorize.
+template <typename C>
+void finalize_code(float* embed_row, C* codebook_row, const float* stat, int64_t dc,
+                   float smoothed, const common::EmaParams& p) {
+  if (!common::ema_code_is_updated(smoothed)) {
+    for (int64_t d = 0; d < dc; ++d) embed_row[d] = common::ema_mix(embed_row[d], stat[d], p);
+    return;
+  }
+  for (int64_t d = 0; d < dc; ++d) {
+    const float e = common::ema_mix(embed_row[d], stat[d], p);
+    embed_row[d] = e;
+    codebook_row[d] = static_cast<C>(common::ema_code_value(e, smoothed, p));
+  }
+}
+
+struct EmaState {
+  float* cluster_size;
+  float* embed_sum;
+  int64_t k, dim;
+  common::EmaParams params;
+  float total;
+
+  float smoothed(int64_t code) const {
+    return common::ema_smoothed_size(common::ema_debiased(cluster_size[code], params), total, params);
+  }
+};
+
+EmaState make_state(const at::Tensor& cluster_size, const at::Tensor& embed_sum, double decay,
+                    double eps, bool bias_correction, int64_t step) {
+  const int64_t k = cluster_size.numel();
+  return {cluster_size.mutable_data_ptr<float>(), embed_sum.mutable_data_ptr<float>(), k,
+          embed_sum.size(1), common::make_ema_params(decay, eps, bias_correction, step, k), 0.0f};
+}
+
+void check_state(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                 const at::Tensor& codebook) {
+  for (const at::Tensor* t : {&cluster_size, &embed_sum, &codebook}) {
+    VQK_CHECK_DEVICE(*t, at::kCPU);
+    TORCH_CHECK(t->is_contiguous(), "the EMA state and codebook must be contiguous");
+  }
+  TORCH_CHECK(cluster_size.dim() == 1 && cluster_size.numel() >= 1,
+              "cluster_size must be 1-D (K,) with K >= 1");
+  const int64_t k = cluster_size.numel();
+  TORCH_CHECK(embed_sum.dim() == 2 && embed_sum.size(0) == k && codebook.sizes() == embed_sum.sizes(),
+              "embed_sum and codebook must be (K, D) with K = ", k);
+  TORCH_CHECK(cluster_size.scalar_type() == at::kFloat && embed_sum.scalar_type() == at::kFloat,
+              "cluster_size and embed_sum must be float32");
+}
+
+void check_batch(const at::Tensor& z, const at::Tensor& indices, int64_t num_codes) {
+  VQK_CHECK_DEVICE(z, at::kCPU);
+  VQK_CHECK_DEVICE(indices, at::kCPU);
+  TORCH_CHECK(num_codes >= 1, "num_codes must be >= 1, got ", num_codes);
+  TORCH_CHECK(z.dim() == 2 && z.size(1) >= 1, "z must be 2-D (N, D) with D >= 1");
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == z.size(0),
+              "indices must be 1-D of length N = ", z.size(0));
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "indices must be int64 or int32, got ", indices.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cpu(const at::Tensor& z,
+                                                            const at::Tensor& indices,
+                                                            int64_t num_codes,
+                                                            bool /*deterministic: always*/) {
+  check_batch(z, indices, num_codes);
+  const at::Tensor zc = z.contiguous(), ic = indices.contiguous();
+  const int64_t n = zc.size(0), dim = zc.size(1);
+  at::Tensor counts = at::empty({num_codes}, zc.options().dtype(at::kFloat));
+  at::Tensor sums = at::empty({num_codes, dim}, zc.options().dtype(at::kFloat));
+  dispatch_indices(ic, [&](auto idx) {
+    const std::vector<int64_t> code_counts = count_codes(idx, n, num_codes);
+    std::copy(code_counts.begin(), code_counts.end(), counts.mutable_data_ptr<float>());
+    const Tasks tasks = plan_tasks(code_counts, dim);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "code_counts_and_sums", [&] {
+      sum_by_code(zc.const_data_ptr<scalar_t>(), idx, n, dim, tasks, sums.mutable_data_ptr<float>(),
+                  [](int64_t, int64_t, int64_t, int64_t) {});
+    });
+  });
+  return {counts, sums};
+}
+
+void ema_update_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                    const at::Tensor& codebook, const at::Tensor& z, const at::Tensor& indices,
+                    double decay, double eps, bool bias_correction, int64_t step,
+                    bool /*deterministic: always*/) {
+  check_state(cluster_size, embed_sum, codebook);
+  check_batch(z, indices, cluster_size.numel());
+  TORCH_CHECK(z.size(1) == embed_sum.size(1), "z must have D = ", embed_sum.size(1), " columns");
+  const at::Tensor zc = z.contiguous(), ic = indices.contiguous();
+  const int64_t n = zc.size(0);
+  EmaState s = make_state(cluster_size, embed_sum, decay, eps, bias_correction, step);
+  const std::unique_ptr<float[]> sums(new float[s.k * s.dim]);  // pass 2 zeroes its blocks
+  dispatch_indices(ic, [&](auto idx) {
+    const std::vector<int64_t> counts = count_codes(idx, n, s.k);  // throws before any write
+    s.total = update_cluster_sizes(s.cluster_size, s.k, s.params, [&](int64_t code) {
+      return static_cast<float>(counts[code]);
+    });
+    const Tasks tasks = plan_tasks(counts, s.dim);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "ema_update_z", [&] {
+      using T = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "ema_update_codebook", [&] {
+        scalar_t* cb = codebook.mutable_data_ptr<scalar_t>();
+        sum_by_code(zc.const_data_ptr<T>(), idx, n, s.dim, tasks, sums.get(),
+                    [&](int64_t c0, int64_t c1, int64_t d0, int64_t dc) {
+                      for (int64_t code = c0; code < c1; ++code) {
+                        const int64_t at = code * s.dim + d0;
+                        finalize_code(s.embed_sum + at, cb + at, sums.get() + at, dc,
+                                      s.smoothed(code), s.params);
+                      }
+                    });
+      });
+    });
+  });
+}
+
+void ema_update_from_stats_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                               const at::Tensor& codebook, const at::Tensor& counts,
+                               const at::Tensor& sums, double decay, double eps,
+                               bool bias_correction, int64_t step) {
+  check_state(cluster_size, embed_sum, codebook);
+  VQK_CHECK_DEVICE(counts, at::kCPU);
+  VQK_CHECK_DEVICE(sums, at::kCPU);
+  TORCH_CHECK(counts.numel() == cluster_size.numel() && sums.sizes() == embed_sum.sizes(),
+              "counts must be (K,) and sums (K, D) like cluster_size and embed_sum");
+  TORCH_CHECK(counts.scalar_type() == at::kFloat && sums.scalar_type() == at::kFloat,
+              "counts and sums must be float32");
+  const at::Tensor cc = counts.contiguous(), sc = sums.contiguous();
+  const float* cp = cc.const_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  EmaState s = make_state(cluster_size, embed_sum, decay, eps, bias_correction, step);
+  s.total = update_cluster_sizes(s.cluster_size, s.k, s.params, [&](int64_t code) { return cp[code]; });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "ema_update_from_stats", [&] {
+    scalar_t* cb = codebook.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / s.dim);
+    at::parallel_for(0, s.k, grain, [&](int64_t k0, int64_t k1) {
+      for (int64_t code = k0; code < k1; ++code) {
+        const int64_t at = code * s.dim;
+        finalize_code(s.embed_sum + at, cb + at, sp + at, s.dim, s.smoothed(code), s.params);
+      }
+    });
+  });
+}
+
+}  // namespace vqkernels
