@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import vector_quantize_pytorch
 
 import vqkernels
 from vqkernels.nn import ReferenceVectorQuantize, VectorQuantize
@@ -226,10 +227,10 @@ def test_top_level_export():
 @pytest.mark.parametrize("options", [dict(), dict(kmeans_init=True, threshold_ema_dead_code=2),
                                      dict(use_cosine_sim=True, kmeans_init=True,
                                           threshold_ema_dead_code=2)])
-def test_matches_vector_quantize_pytorch_if_installed(options, generator):
-    theirs_module = pytest.importorskip("vector_quantize_pytorch")
+def test_matches_vector_quantize_pytorch(options, generator):
+    """Step for step against the real thing (a test dependency, pinned in pyproject.toml)."""
     torch.manual_seed(0)
-    theirs = theirs_module.VectorQuantize(DIM, CODES, rotation_trick=False, **options)
+    theirs = vector_quantize_pytorch.VectorQuantize(DIM, CODES, rotation_trick=False, **options)
     ours = VectorQuantize(DIM, CODES, **options)
     ours.load_state_dict(theirs.state_dict())
     for i in range(4):
