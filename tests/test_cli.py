@@ -70,6 +70,16 @@ def test_bench_json(quick_bench):
     assert {row["backend"] for row in data["rows"]} >= {"reference", "cpu"}
 
 
+def test_bench_covers_every_op_family(quick_bench):
+    from vqkernels.bench.cases import OP_MODULES
+
+    rows = json.loads((quick_bench[1] / "bench.json").read_text())["rows"]
+    shapes = {(row["op"], row["shape"]) for row in rows}
+    assert {op for op, _ in shapes} == set(OP_MODULES), sorted(shapes)
+    assert {("quantizer", "taming-train-N16384xK1024xD256"),
+            ("quantizer", "vqp-train-N16384xK1024xD256")} <= shapes, sorted(shapes)
+
+
 def test_bench_plot_is_png(quick_bench):
     pytest.importorskip("matplotlib")
     assert (quick_bench[1] / "bench.png").read_bytes()[:8] == PNG_MAGIC

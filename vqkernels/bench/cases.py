@@ -23,6 +23,7 @@ REFERENCE = "reference"
 # op family -> module providing cases(device: torch.device, quick: bool) -> list[Case]
 OP_MODULES = {
     "ema": "vqkernels.bench.ema",
+    "quantizer": "vqkernels.bench.quantizer",
     "search": "vqkernels.bench.search",
     "timestep": "vqkernels.bench.timestep",
 }
