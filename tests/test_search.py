@@ -4,9 +4,10 @@ import torch
 
 import vqkernels
 from vqkernels import ops
+from vqkernels.reference import ema as reference_ema
 from vqkernels.reference import search as reference
 from conftest import kernel_backends
-from tolerances import assert_nearest
+from tolerances import assert_nearest, assert_within_contract
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -47,6 +48,48 @@ def test_nearest_code_random_data(backend, device, precision, n, k, d, generator
     indices, distances = ops.nearest_code(z.to(device), codebook.to(device), precision=precision,
                                           backend=backend)
     assert_nearest(z, codebook, indices, distances, precision, what=f"{backend} {precision}")
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference")]
+                         + kernel_backends())
+@pytest.mark.parametrize("n,k,d", [(0, 5, 3), (1, 1, 1), (97, 13, 7), (64, 3, 33), (50, 300, 5)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_nearest_code_with_stats(backend, device, n, k, d, dtype, deterministic, generator):
+    """The search of nearest_code and the statistics of code_counts_and_sums of its indices.
+
+    On a GPU each shape is a new autotuning key: the fused Triton kernel runs once per
+    config first, and the statistics must still count every row once."""
+    skip_unsupported(backend, device, dtype)
+    z, codebook = torch.randn(n, d, generator=generator), torch.randn(k, d, generator=generator)
+    z, codebook = z.to(dtype), codebook.to(dtype)
+    indices, distances, counts, sums = ops.nearest_code_with_stats(
+        z.to(device), codebook.to(device), deterministic=deterministic, backend=backend)
+    assert_nearest(z, codebook, indices, distances, ops.search.default_precision(dtype),
+                   what=f"{backend} {dtype}")
+    indices = indices.cpu()
+    assert counts.dtype == sums.dtype == torch.float32 and sums.shape == (k, d)
+    assert torch.equal(counts.cpu(), torch.bincount(indices, minlength=k).float())
+    same = reference_ema.code_counts_and_sums(z, indices, k)[1]
+    truth = reference_ema.code_counts_and_sums(z.double(), indices, k)[1]
+    assert_within_contract("code_counts_and_sums", torch.float32, sums, same, truth,
+                           what=f"{backend} {dtype} sums")
+
+
+def test_nearest_code_with_stats_is_l2_only_and_validates(generator):
+    z, codebook = torch.randn(4, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    with pytest.raises(ValueError, match="codebook"):
+        ops.nearest_code_with_stats(z, codebook[:, :2])
+    with pytest.raises(TypeError, match="metric"):
+        ops.nearest_code_with_stats(z, codebook, metric="cosine")
+
+
+@pytest.mark.interpreter
+def test_nearest_code_with_stats_triton_opcheck(generator):
+    z, codebook = torch.randn(23, 5, generator=generator), torch.randn(7, 5, generator=generator)
+    sqnorm = codebook.square().sum(1)
+    torch.library.opcheck(torch.ops.vqkernels.nearest_code_with_stats_triton.default,
+                          (z, codebook, sqnorm, "ieee"))
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())

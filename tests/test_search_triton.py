@@ -202,17 +202,21 @@ def test_edge_shapes(device, dtype, generator):
 @pytest.mark.parametrize("family,precision", [("half", "ieee"), ("fp32", "tf32"), ("fp32", "bf16"),
                                               ("fp32_ieee", "ieee")])
 def test_every_tuning_config(family, precision, generator):
-    """Each autotuning candidate's tiles (and the BLOCK_D heuristic) give the right codes."""
+    """Each autotuning candidate's tiles (and the BLOCK_D heuristic) give the right codes and
+    (STATS) the right per-code counts and sums."""
     for d in (5, 40):  # one D chunk, and several for the small BLOCK_D_MAX
         z, codebook, planted = separated(300, 77, d, torch.float32, generator)
         for config in triton_search._CONFIGS[family]:
             indices = torch.empty(300, dtype=torch.int64)
             distances = torch.empty(300)
+            counts, sums = torch.zeros(77, dtype=torch.int32), torch.zeros(77, d)
             triton_search._TUNED[family].fn[lambda meta: (triton.cdiv(300, meta["BLOCK_N"]),)](
-                z, codebook, codebook.square().sum(1), indices, distances, 300, 77, D=d,
-                PRECISION=precision, **config.kwargs)
+                z, codebook, codebook.square().sum(1), indices, distances, counts, sums, 300, 77,
+                D=d, PRECISION=precision, STATS=True, **config.kwargs)
             assert torch.equal(indices, planted), f"{family} {precision} D={d} {config}"
             check_distances(distances, z, codebook, indices, f"{family} D={d} {config}")
+            assert torch.equal(counts, torch.bincount(planted, minlength=77).int())
+            torch.testing.assert_close(sums, torch.zeros(77, d).index_add_(0, planted, z))
 
 
 @pytest.mark.cuda

@@ -5,7 +5,7 @@ matmul expansion ``|z|^2 - 2 z e^T + |e|^2`` then ``argmin`` (the "reference"
 row, every speed-up is against it) and ``torch.cdist`` then ``argmin``. Both
 build the N x K distance matrix; the kernels never do. FLOPs: 2 N K D (the
 z e^T products); bytes: z and the codebook read once, indices and distances
-written once.
+written once (and, with statistics, the (K,) counts and (K, D) sums).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import functools
 import torch
 
 from vqkernels.bench.cases import REFERENCE, Case, usable_backends
-from vqkernels.ops import search
+from vqkernels.ops import ema, search
 
 # DESIGN.md's shapes at N = 65536 on a GPU; N = 16384 and the issue's CPU targets on a CPU.
 GPU_SHAPES = ((65536, 1024, 256), (65536, 16384, 256), (65536, 16384, 8), (65536, 65536, 32))
@@ -24,13 +24,21 @@ FLOP_CEILING = {"ieee": "fp32", "tf32": "tf32", "bf16": "bf16"}
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    """GPU: every shape x precision; CPU: fp32 exact. quick: the first shape only."""
+    """GPU: every shape x precision; CPU: fp32 exact. quick: the first shape only.
+
+    Then, at the default precision of fp32 (GPU: and bf16) input, the EMA training
+    step's search with statistics ("-with-stats"): ``nearest_code_with_stats``
+    per backend ("<backend>") against ``nearest_code`` + ``code_counts_and_sums``
+    ("<backend>-two-pass") and the usual torch matmul + argmin + bincount + index_add_.
+    """
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     precisions = GPU_PRECISIONS if device.type == "cuda" else ((torch.float32, "ieee"),)
+    stats_dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
     if quick:
-        shapes, precisions = shapes[:1], precisions[:1]
-    return [_case(device, n, k, d, dtype, precision)
-            for n, k, d in shapes for dtype, precision in precisions]
+        shapes, precisions, stats_dtypes = shapes[:1], precisions[:1], ()
+    return ([_case(device, n, k, d, dtype, precision)
+             for n, k, d in shapes for dtype, precision in precisions]
+            + [_stats_case(device, n, k, d, dtype) for n, k, d in shapes for dtype in stats_dtypes])
 
 
 def matmul_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -55,6 +63,36 @@ def _case(device, n, k, d, dtype, precision) -> Case:
     size = z.element_size()
     return Case(op="search", shape=f"N{n}xK{k}xD{d}-{precision}", fns=fns,
                 bytes=(n + k) * d * size + n * (8 + 4), flops=2 * n * k * d,
+                flop_dtype=FLOP_CEILING[precision])
+
+
+def matmul_argmin_stats(z: torch.Tensor, codebook: torch.Tensor):
+    """The usual PyTorch EMA step's search and statistics (N x K distances, then bincount)."""
+    indices = matmul_argmin(z, codebook)
+    k = codebook.shape[0]
+    sums = torch.zeros(k, z.shape[1], device=z.device).index_add_(0, indices, z.float())
+    return indices, torch.bincount(indices, minlength=k).float(), sums
+
+
+def two_pass_stats(z, codebook, backend):
+    indices, _ = search.nearest_code(z, codebook, backend=backend)
+    return indices, ema.code_counts_and_sums(z, indices, codebook.shape[0], backend=backend)
+
+
+def _stats_case(device, n, k, d, dtype) -> Case:
+    z = torch.randn(n, d, device=device, dtype=dtype)
+    codebook = torch.randn(k, d, device=device, dtype=dtype)
+    precision = search.default_precision(dtype)
+    fns = {REFERENCE: _at_precision(matmul_argmin_stats, precision, z, codebook)}
+    for name in usable_backends(search.DISPATCH, device, dtype, dim=d):
+        if name == REFERENCE:
+            continue
+        fns[name] = functools.partial(search.nearest_code_with_stats, z, codebook, backend=name)
+        if name == "triton":  # the only backend that fuses them; the others are two passes
+            fns[f"{name}-two-pass"] = functools.partial(two_pass_stats, z, codebook, name)
+    size = z.element_size()
+    return Case(op="search", shape=f"N{n}xK{k}xD{d}-{precision}-with-stats", fns=fns,
+                bytes=(n + k) * d * size + n * (8 + 4) + k * (d + 1) * 4, flops=2 * n * k * d,
                 flop_dtype=FLOP_CEILING[precision])
 
 

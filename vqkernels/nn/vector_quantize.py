@@ -82,7 +82,8 @@ class _Codebook(nn.Module):
 
 class _VectorQuantizeBase(nn.Module):
     """Constructor, layouts, losses and the training step. Subclasses supply the math on the
-    flat (N, D) float32 batch: ``_search``, ``_kmeans``, ``_stats``, ``_ema``, ``_expire``."""
+    flat (N, D) float32 batch: ``_search`` (indices, and the batch statistics or None),
+    ``_kmeans``, ``_stats``, ``_ema``, ``_expire``."""
 
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, *,
                  decay: float = 0.8, eps: float = 1e-5, freeze_codebook: bool = False,
@@ -167,13 +168,14 @@ class _VectorQuantizeBase(nn.Module):
         if self.use_cosine_sim:
             tokens = _l2norm(tokens)
         flat = tokens.detach().reshape(-1, self.dim).float()
+        learn = self.training and not freeze and (ema_update or self.threshold_ema_dead_code > 0)
         with torch.no_grad():
             self._init_embed(flat)
             embed = self._codebook.embed[0]
-            ind = self._search(flat, embed)
+            ind, stats = self._search(flat, embed, with_stats=learn)
             quantize = embed.index_select(0, ind).view(tokens.shape).to(x.dtype)
-            if self.training and not freeze and (ema_update or self.threshold_ema_dead_code > 0):
-                self._update(flat, ind, ema_update)
+            if learn:
+                self._update(flat, ind, ema_update, stats)
         loss, commit = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
         if self.training:
             loss.requires_grad_()
@@ -231,14 +233,15 @@ class _VectorQuantizeBase(nn.Module):
         book.initted.fill_(True)
         self._initted = True
 
-    def _update(self, flat, ind, ema_update):
+    def _update(self, flat, ind, ema_update, stats):
+        """The EMA step (from ``stats``, this batch's counts and sums, if the search made them)."""
         book = self._codebook
         if ema_update:
-            self._ema(flat, ind, self.decay)
+            self._ema(flat, ind, self.decay, stats)
             if self.use_cosine_sim:
                 book.embed.copy_(_l2norm(book.embed))
         else:  # the statistics still move, for the dead-code restarts (as theirs)
-            counts, sums = self._stats(flat, ind)
+            counts, sums = self._stats(flat, ind) if stats is None else stats
             book.cluster_size[0].lerp_(counts, 1.0 - self.decay)
             book.embed_avg[0].lerp_(sums, 1.0 - self.decay)
         if self.threshold_ema_dead_code > 0:
@@ -287,9 +290,16 @@ class VectorQuantize(_VectorQuantizeBase):
         super().__init__(dim, codebook_size, codebook_dim, **kwargs)
         self.precision, self.backend = precision, backend
 
-    def _search(self, flat, embed):
+    def _search(self, flat, embed, with_stats):
+        """The l2 training step searches and gathers the EMA statistics in one op (one read
+        of the batch where the backend fuses them, see ops.nearest_code_with_stats)."""
+        if with_stats and not self.use_cosine_sim:
+            ind, _, *stats = ops.nearest_code_with_stats(
+                flat, embed, precision=self.precision, backend=self.backend,
+                deterministic=torch.are_deterministic_algorithms_enabled())
+            return ind, self._all_reduce(*stats)
         return ops.nearest_code(flat, embed, metric=self._metric(), precision=self.precision,
-                                backend=self.backend)[0]
+                                backend=self.backend)[0], None
 
     def _kmeans(self, flat):
         return ops.kmeans(flat, self.codebook_size, self.kmeans_iters, metric=self._metric(),
@@ -299,20 +309,25 @@ class VectorQuantize(_VectorQuantizeBase):
         counts, sums = ops.code_counts_and_sums(
             flat, ind, self.codebook_size, backend=self.backend,
             deterministic=torch.are_deterministic_algorithms_enabled())
+        return self._all_reduce(counts, sums)
+
+    def _all_reduce(self, counts, sums):
         if not self.sync_codebook:
             return counts, sums
         stats = torch.cat([counts[:, None], sums], dim=1)  # one collective for both
         dist.all_reduce(stats)
         return stats[:, 0], stats[:, 1:]
 
-    def _ema(self, flat, ind, decay):
+    def _ema(self, flat, ind, decay, stats=None):
         book = self._codebook
         state = (book.cluster_size[0], book.embed_avg[0], book.embed[0])
         kwargs = dict(decay=decay, eps=self.eps, backend=self.backend,
                       deterministic=torch.are_deterministic_algorithms_enabled())
-        if self.sync_codebook:
-            ops.ema_update_(*state, stats=self._stats(flat, ind), **kwargs)
-        else:  # the fused path: statistics and update in one op
+        if stats is None and self.sync_codebook:
+            stats = self._stats(flat, ind)
+        if stats is not None:
+            ops.ema_update_(*state, stats=stats, **kwargs)
+        else:  # statistics and update in one op
             ops.ema_update_(*state, flat, ind, **kwargs)
 
     def _expire(self, flat):
@@ -330,8 +345,8 @@ class ReferenceVectorQuantize(_VectorQuantizeBase):
         super().__init__(dim, codebook_size, codebook_dim, **kwargs)
         self.sync_codebook = self.sync_kmeans = False
 
-    def _search(self, flat, embed):
-        return reference_search.nearest_code(flat, embed, self._metric())[0]
+    def _search(self, flat, embed, with_stats):
+        return reference_search.nearest_code(flat, embed, self._metric())[0], None
 
     def _kmeans(self, flat):
         n, k, metric = flat.shape[0], self.codebook_size, self._metric()
@@ -356,7 +371,7 @@ class ReferenceVectorQuantize(_VectorQuantizeBase):
     def _stats(self, flat, ind):
         return reference_ema.code_counts_and_sums(flat, ind, self.codebook_size)
 
-    def _ema(self, flat, ind, decay):
+    def _ema(self, flat, ind, decay, stats=None):
         book = self._codebook
         reference_ema.ema_update_(book.cluster_size[0], book.embed_avg[0], book.embed[0], flat,
                                   ind, decay, self.eps)

@@ -8,6 +8,14 @@ BLAS on bounded tiles for large D), CUDA (SIMT fp32, aimed at small D), Triton
 ``auto`` order on CUDA: CUDA for D <= 64 (SIMT FMA wins when a GEMM tile
 would be mostly padding), Triton above. Provisional: set from the FLOP and
 padding count, to be confirmed by the H100 benchmark (benchmarks/bench_search.py).
+
+``nearest_code_with_stats`` is the EMA training step's search: it also
+returns the per-code counts and sums of the rows. Triton computes them in the
+search kernel, from the rows it already holds; the CUDA search merges code
+splits across blocks (the winner is known only at the end), so there, and on
+the CPU, the statistics are a second pass (``code_counts_and_sums``). Which is
+faster on a GPU is for the "with-stats" cases of the search benchmark to say;
+``auto`` picks the search's backend either way.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import torch.nn.functional as F
 
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.ops.ema import code_counts_and_sums
 from vqkernels.reference import search as reference
 
 METRICS = ("l2", "cosine")
@@ -94,6 +103,37 @@ def nearest_code(
     return _nearest_code_l2(z, codebook, precision, backend)
 
 
+def nearest_code_with_stats(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    precision: str | None = None,
+    deterministic: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The l2 ``nearest_code`` and the EMA statistics of its assignment, in one call::
+
+        indices, distances = nearest_code(z, codebook)
+        counts, sums = code_counts_and_sums(z, indices, K)     (float32 (K,), (K, D))
+
+    For a training step: ``ema_update_(..., stats=(counts, sums))`` finishes
+    it. The Triton backend reads z once (the search kernel adds each row into
+    its code's sums, with atomics); with ``deterministic=True``, and on the
+    other backends, the statistics are a second pass (the module docstring).
+    Arguments as ``nearest_code`` and ``code_counts_and_sums``.
+    """
+    precision = _validate(z, codebook, "l2", precision)
+    chosen = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1])
+    z, codebook = z.contiguous(), codebook.contiguous()
+    if chosen.name == "triton" and not deterministic:
+        return torch.ops.vqkernels.nearest_code_with_stats_triton(z, codebook, _sqnorm(codebook),
+                                                                  precision)
+    indices, distances = chosen.run(z, codebook, _sqnorm(codebook), precision)
+    counts, sums = code_counts_and_sums(z, indices, codebook.shape[0],
+                                        deterministic=deterministic, backend=chosen.name)
+    return indices, distances, counts, sums
+
+
 def _nearest_code_l2(z, codebook, precision, backend):
     run = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1]).run
     return run(z.contiguous(), codebook.contiguous(), _sqnorm(codebook), precision)
@@ -166,6 +206,23 @@ def _nearest_code_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnor
     from vqkernels.triton import search as triton_search  # imports triton on first use
 
     return triton_search.nearest_code(z, codebook, codebook_sqnorm, precision)
+
+
+@torch.library.custom_op("vqkernels::nearest_code_with_stats_triton", mutates_args=())
+def _nearest_code_with_stats_triton(z: torch.Tensor, codebook: torch.Tensor,
+                                    codebook_sqnorm: torch.Tensor, precision: str
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
+    from vqkernels.triton import search as triton_search
+
+    return triton_search.nearest_code_with_stats(z, codebook, codebook_sqnorm, precision)
+
+
+@_nearest_code_with_stats_triton.register_fake
+def _(z, codebook, codebook_sqnorm, precision):
+    return (*_fake_nearest_code(z, codebook, codebook_sqnorm, precision),
+            z.new_empty(codebook.shape[0], dtype=torch.float32),
+            z.new_empty(codebook.shape, dtype=torch.float32))
 
 
 torch.library.register_fake("vqkernels::nearest_code_triton", _fake_nearest_code)

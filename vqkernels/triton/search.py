@@ -146,8 +146,8 @@ def _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best, best_idx,
 
 @triton.jit
 def _nearest_code_kernel(
-    z_ptr, e_ptr, sqnorm_ptr, idx_ptr, dist_ptr, N, K,
-    D: tl.constexpr, PRECISION: tl.constexpr,
+    z_ptr, e_ptr, sqnorm_ptr, idx_ptr, dist_ptr, counts_ptr, sums_ptr, N, K,
+    D: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_D_MAX: tl.constexpr,  # noqa: ARG001 (read by the BLOCK_D heuristic)
 ):
@@ -165,6 +165,14 @@ def _nearest_code_kernel(
     +inf; D is zero-padded to BLOCK_D, which adds nothing to the dot.
     NaN: tl.min skips NaN scores, so a code with a NaN never wins; a row of z
     holding a NaN (every score NaN) keeps index 0 and gets distance NaN.
+
+    STATS (the EMA training step's statistics, while z's rows are loaded for
+    the distance)::
+
+        counts[idx[n]] += 1,   sums[idx[n], :] += z[n, :]      (atomics, fp32 sums)
+
+    into zeroed counts (K,) int32 and sums (K, D) fp32: the per-code statistics
+    of code_counts_and_sums without a second read of z (N D atomic adds).
 
     FLOPs: 2 * N * K * D for the scores (+ 3 * N * D for the exact distance).
     Bytes: reads N * D * s (z, re-read from L2 per K tile when D > BLOCK_D),
@@ -204,19 +212,30 @@ def _nearest_code_kernel(
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + d_offs
         mask = row_ok[:, None] & (dims < D)[None, :]
-        diff = (tl.load(z_rows + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-                - tl.load(best_rows + dims[None, :], mask=mask, other=0.0).to(tl.float32))
+        z_chunk = tl.load(z_rows + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        diff = z_chunk - tl.load(best_rows + dims[None, :], mask=mask, other=0.0).to(tl.float32)
         dist += tl.sum(diff * diff, axis=1)
+        if STATS:
+            tl.atomic_add(sums_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :], z_chunk,
+                          mask=mask)
+    if STATS:
+        tl.atomic_add(counts_ptr + best_idx, tl.full((BLOCK_N,), 1, tl.int32), mask=row_ok)
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
     tl.store(dist_ptr + rows, dist, mask=row_ok)
 
 
-_TUNED = {
-    family: triton.autotune(configs=configs, key=["K", "D", "PRECISION"])(
+def _tuned(configs, **autotune_options):
+    return triton.autotune(configs=configs, key=["K", "D", "PRECISION", "STATS"],
+                           **autotune_options)(
         triton.heuristics({"BLOCK_D": lambda args: _block_d(args["D"], args["BLOCK_D_MAX"])})(
             _nearest_code_kernel))
-    for family, configs in _CONFIGS.items()
-}
+
+
+_TUNED = {family: _tuned(configs) for family, configs in _CONFIGS.items()}
+# Autotuning runs the kernel once per config: the statistics are zeroed before
+# each run, and again before the real one.
+_TUNED_STATS = {family: _tuned(configs, reset_to_zero=["counts_ptr", "sums_ptr"])
+                for family, configs in _CONFIGS.items()}
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torch.Tensor,
@@ -229,20 +248,40 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torch
     to the lowest index; NaN rows -> 0) and the exact squared distances (N,)
     fp32 (NaN for NaN rows).
     """
+    indices, distances = _outputs(z)
+    _launch(z, codebook, codebook_sqnorm, precision, indices, distances, None)
+    return indices, distances
+
+
+def nearest_code_with_stats(z: torch.Tensor, codebook: torch.Tensor,
+                            codebook_sqnorm: torch.Tensor, precision: str
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``nearest_code`` plus counts (K,) fp32 and sums (K, D) fp32 of z per chosen code."""
+    indices, distances = _outputs(z)
+    counts = torch.zeros(codebook.shape[0], dtype=torch.int32, device=z.device)
+    sums = torch.zeros(codebook.shape, dtype=torch.float32, device=z.device)
+    _launch(z, codebook, codebook_sqnorm, precision, indices, distances, (counts, sums))
+    return indices, distances, counts.to(torch.float32), sums
+
+
+def _outputs(z):
+    n = z.shape[0]
+    return (torch.empty(n, dtype=torch.int64, device=z.device),
+            torch.empty(n, dtype=torch.float32, device=z.device))
+
+
+def _launch(z, codebook, codebook_sqnorm, precision, indices, distances, stats):
     n, d = z.shape
-    k = codebook.shape[0]
-    indices = torch.empty(n, dtype=torch.int64, device=z.device)
-    distances = torch.empty(n, dtype=torch.float32, device=z.device)
     if n == 0:
-        return indices, distances
-    args = (z, codebook, codebook_sqnorm, indices, distances, n, k)
+        return
+    counts, sums = stats if stats is not None else (indices, indices)  # unused without STATS
+    args = (z, codebook, codebook_sqnorm, indices, distances, counts, sums, n, codebook.shape[0])
+    constants = dict(D=d, PRECISION=precision, STATS=stats is not None)
     if _INTERPRETED:
         cfg = _INTERPRETER_CONFIG
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-        _nearest_code_kernel[grid](*args, D=d, PRECISION=precision,
-                                   BLOCK_D=_block_d(d, cfg["BLOCK_D_MAX"]), **cfg)
-        return indices, distances
-    tuned = _TUNED[_config_family(z.dtype, precision)]
+        _nearest_code_kernel[grid](*args, **constants, BLOCK_D=_block_d(d, cfg["BLOCK_D_MAX"]), **cfg)
+        return
+    tuned = (_TUNED if stats is None else _TUNED_STATS)[_config_family(z.dtype, precision)]
     with torch.cuda.device(z.device):
-        tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, D=d, PRECISION=precision)
-    return indices, distances
+        tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constants)
