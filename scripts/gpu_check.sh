@@ -6,7 +6,8 @@
 # Every step runs even when an earlier one failed; each logs under OUTDIR, and a
 # summary (step, exit code, seconds) is printed last. Exits 1 if any step failed.
 # Environment: PYTHON (default python), TORCH_CUDA_ARCH_LIST (default 9.0),
-# SANITIZER_K (pytest -k expression run under compute-sanitizer, default "timestep"),
+# SANITIZER_K (pytest -k expression run under compute-sanitizer; default: the CUDA-backend timestep,
+# search and EMA parity tests, without the multi-GiB ones),
 # COMPUTE_SANITIZER (path of the binary; default: on PATH, else /usr/local/cuda/bin).
 set -euo pipefail
 
@@ -20,7 +21,7 @@ OUTDIR="$(cd "$OUTDIR" && pwd)"
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python}"
-SANITIZER_K="${SANITIZER_K:-timestep}"
+SANITIZER_K="${SANITIZER_K:-(timestep or nearest_code or ema or counts) and not triton and not 64bit and not many_rows}"
 COMPUTE_SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 
 NAMES=()
