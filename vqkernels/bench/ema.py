@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from vqkernels.bench.cases import REFERENCE, Case, usable_backends
 from vqkernels.ops import ema
+from vqkernels.reference import ema as reference_ema
 
 # DESIGN.md's shapes at N = 65536 on a GPU; the issue's CPU targets on a CPU.
 GPU_SHAPES = ((65536, 1024, 256), (65536, 16384, 256), (65536, 16384, 8), (65536, 65536, 32))
@@ -44,8 +45,8 @@ def torch_ema_update(cluster_size, embed_sum, codebook, z, indices, sums_fn):
     """The usual PyTorch EMA step: counts by bincount, sums by ``sums_fn``, then the update."""
     k = cluster_size.shape[0]
     counts = torch.bincount(indices, minlength=k).float()
-    ema._reference_apply(cluster_size, embed_sum, codebook, counts, sums_fn(z, indices, k),
-                         DECAY, EPS, False, 1)
+    reference_ema.ema_update_from_stats_(cluster_size, embed_sum, codebook, counts,
+                                         sums_fn(z, indices, k), DECAY, EPS)
 
 
 def index_add_sums(z, indices, k):

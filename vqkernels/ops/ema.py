@@ -52,27 +52,12 @@ def _reference_stats(z, indices, num_codes, deterministic):
     return counts[:num_codes].float(), sums[:num_codes].float()
 
 
-def _reference_apply(cluster_size, embed_sum, codebook, counts, sums, decay, eps,
-                     bias_correction, step):
-    """The update of vqkernels/reference/ema.py from given statistics (same math, same guard)."""
-    cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
-    embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
-    n, e = cluster_size, embed_sum
-    if bias_correction:
-        debias = 1.0 - decay**step
-        n, e = n / debias, e / debias
-    total = n.sum()
-    smoothed = (n + eps) / (total + n.shape[0] * eps) * total
-    nonzero = smoothed > 0
-    safe = torch.where(nonzero, smoothed, torch.ones_like(smoothed))
-    codebook.copy_(torch.where(nonzero[:, None], e / safe[:, None], codebook.to(e.dtype)))
-
-
 def _run_reference_update(cluster_size, embed_sum, codebook, z, indices, stats, decay, eps,
                           bias_correction, step, deterministic):
     if stats is None:
         stats = _reference_stats(z, indices, cluster_size.shape[0], deterministic)
-    _reference_apply(cluster_size, embed_sum, codebook, *stats, decay, eps, bias_correction, step)
+    reference.ema_update_from_stats_(cluster_size, embed_sum, codebook, *stats, decay, eps,
+                                     bias_correction, step)
 
 
 def _run_triton_stats(z, indices, num_codes, deterministic):

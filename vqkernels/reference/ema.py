@@ -69,17 +69,33 @@ def ema_update_(
 
     with torch.no_grad():
         counts, sums = code_counts_and_sums(z, indices, cluster_size.shape[0])
-        cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1.0 - decay)
-        embed_sum.mul_(decay).add_(sums.to(embed_sum.dtype), alpha=1.0 - decay)
+        ema_update_from_stats_(cluster_size, embed_sum, codebook, counts, sums, decay, eps,
+                               bias_correction, step)
 
-        n, e = cluster_size, embed_sum
-        if bias_correction:
-            debias = 1.0 - decay**step
-            n, e = n / debias, e / debias
-        total = n.sum()
-        smoothed = (n + eps) / (total + n.shape[0] * eps) * total
 
-        nonzero = smoothed > 0
-        safe = torch.where(nonzero, smoothed, torch.ones_like(smoothed))
-        updated = torch.where(nonzero[:, None], e / safe[:, None], codebook.to(e.dtype))
-        codebook.copy_(updated)
+def ema_update_from_stats_(
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    codebook: torch.Tensor,
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    decay: float,
+    eps: float = 1e-5,
+    bias_correction: bool = False,
+    step: int | None = None,
+) -> None:
+    """``ema_update_`` from given statistics: counts (K,) and sums (K, D) of the batch."""
+    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1.0 - decay)
+    embed_sum.mul_(decay).add_(sums.to(embed_sum.dtype), alpha=1.0 - decay)
+
+    n, e = cluster_size, embed_sum
+    if bias_correction:
+        debias = 1.0 - decay**step
+        n, e = n / debias, e / debias
+    total = n.sum()
+    smoothed = (n + eps) / (total + n.shape[0] * eps) * total
+
+    nonzero = smoothed > 0
+    safe = torch.where(nonzero, smoothed, torch.ones_like(smoothed))
+    updated = torch.where(nonzero[:, None], e / safe[:, None], codebook.to(e.dtype))
+    codebook.copy_(updated)
