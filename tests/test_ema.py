@@ -1,4 +1,9 @@
 """EMA codebook update and its statistics through vqkernels.ops, every backend."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -129,6 +134,35 @@ def test_cpu_kernel_is_independent_of_the_thread_count(deterministic, generator)
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b), "the C++ CPU kernel depends on the thread count"
+
+
+def test_cpu_kernel_is_bitwise_the_same_on_every_instruction_set(tmp_path, generator):
+    """The AVX-512, AVX2 and baseline copies of the add loop (ATEN_CPU_CAPABILITY picks one)
+    give the same bits: short rows (D = 8) and long rows (D = 70, listed and prefetched).
+    The data is drawn here: torch's own randn differs between capabilities."""
+    batches = [(*make_batch(5000, 37, d, "random", generator, dtype), 37)
+               for d in (8, 70) for dtype in (torch.float32, torch.bfloat16)]
+    torch.save(batches, tmp_path / "batches.pt")
+    code = textwrap.dedent("""
+        import sys, torch
+        from vqkernels import ops
+        torch.save([ops.code_counts_and_sums(z, indices, k, backend="cpu")
+                    for z, indices, k in torch.load(sys.argv[1])], sys.argv[2])
+    """)
+    results = {}
+    for isa in ("native", "avx2", "default"):
+        env = dict(os.environ)
+        if isa != "native":
+            env["ATEN_CPU_CAPABILITY"] = isa
+        path = tmp_path / f"{isa}.pt"
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "batches.pt"), str(path)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        results[isa] = torch.load(path)
+    for isa in ("avx2", "default"):
+        for (counts, sums), (other_counts, other_sums) in zip(results["native"], results[isa]):
+            assert torch.equal(counts, other_counts) and torch.equal(sums, other_sums), \
+                f"ATEN_CPU_CAPABILITY={isa} changed the statistics"
 
 
 @pytest.mark.cuda

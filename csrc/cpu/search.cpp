@@ -44,16 +44,9 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/search.h"
 #include "vqkernels.h"
-
-#if defined(__x86_64__)
-#define VQK_X86_SIMD 1
-#define VQK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define VQK_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-#define VQK_TARGET_BASELINE
-#define VQK_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace vqkernels {
 namespace {
@@ -200,7 +193,7 @@ VQK_DEFINE_MICRO_KERNELS(baseline, VQK_TARGET_BASELINE, 16, 4, 1)
 template <typename Acc>
 MicroKernels<Acc> select_micro_kernels() {
 #ifdef VQK_X86_SIMD
-  static const std::string capability = at::get_cpu_capability();
+  const std::string& capability = common::cpu_capability();
   if (capability == "AVX512") return avx512_kernels<Acc>();
   if (capability == "AVX2") return avx2_kernels<Acc>();
 #endif
