@@ -11,7 +11,7 @@ import vqkernels
 from vqkernels import ops
 from vqkernels.reference import ema as reference
 from conftest import kernel_backends
-from tolerances import assert_within_contract
+from tolerances import assert_code_stats, assert_within_contract
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference")] + kernel_backends()
 # (N, K, D, which codes the rows go to)
@@ -88,12 +88,7 @@ def test_code_counts_and_sums_match_reference(backend, device, n, k, d, hit, det
     z, indices = make_batch(n, k, d, hit, generator)
     counts, sums = ops.code_counts_and_sums(z.to(device), indices.to(device).int(), k,
                                             deterministic=deterministic, backend=backend)
-    assert counts.dtype == sums.dtype == torch.float32 and sums.shape == (k, d)
-    assert torch.equal(counts.cpu(), torch.bincount(indices, minlength=k).float())
-    same = reference.code_counts_and_sums(z, indices, k)[1]
-    truth = reference.code_counts_and_sums(z.double(), indices, k)[1]
-    assert_within_contract("code_counts_and_sums", torch.float32, sums, same, truth,
-                           what=f"{backend} sums")
+    assert_code_stats(z, indices, k, counts, sums, what=backend)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

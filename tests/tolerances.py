@@ -49,6 +49,21 @@ def assert_within_contract(op: str, dtype: torch.dtype, out: torch.Tensor,
                           f"{multiple}x the reference's {ref_err:.3e} + {tol.atol:.0e}")
 
 
+def assert_code_stats(z: torch.Tensor, indices: torch.Tensor, num_codes: int,
+                      counts: torch.Tensor, sums: torch.Tensor, what: str = "") -> None:
+    """counts and sums are code_counts_and_sums of (z, indices): exact counts, sums in contract."""
+    from vqkernels.reference.ema import code_counts_and_sums
+
+    indices = indices.cpu()
+    assert counts.dtype == sums.dtype == torch.float32, f"{what}: {counts.dtype}, {sums.dtype}"
+    assert sums.shape == (num_codes, z.shape[1]), f"{what}: sums shape {tuple(sums.shape)}"
+    assert torch.equal(counts.cpu(), torch.bincount(indices, minlength=num_codes).float()), what
+    same = code_counts_and_sums(z, indices, num_codes)[1]
+    truth = code_counts_and_sums(z.double(), indices, num_codes)[1]
+    assert_within_contract("code_counts_and_sums", torch.float32, sums, same, truth,
+                           what=f"{what} sums")
+
+
 # Nearest-code search: the chosen code's true (fp64) distance may exceed the true
 # minimum by at most rtol * (|z|^2 + max |e|^2), the scale of the cancellation in
 # a |e|^2 - 2 z.e search. Keyed by (input dtype, precision of the products).
