@@ -5,6 +5,7 @@
 // crash (device, dtype, contiguity).
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string_view>
 #include <tuple>
 
@@ -66,6 +67,29 @@ void ema_update_from_stats_cuda(const at::Tensor& cluster_size, const at::Tensor
                                 const at::Tensor& codebook, const at::Tensor& counts,
                                 const at::Tensor& sums, double decay, double eps,
                                 bool bias_correction, int64_t step);
+#endif
+
+// One fused DDIM step (see vqkernels/reference/ddim.py, math in csrc/common/ddim.h):
+// (prev_sample, pred_original_sample), each (B, M) in the sample's dtype, or
+// empty (0,) when not asked for (write_prev / write_x0). Inputs as in
+// check_ddim_args (csrc/common/checks.h): sample (B, M), cond / uncond (B, >= M)
+// model outputs (the first M elements of a row are used; uncond enables
+// classifier-free guidance on the first guided_elems), per-sample int64
+// timesteps, a float32 alphas_cumprod table, and noise given (variance_noise)
+// or drawn in the kernel from Philox keyed by noise_seed (csrc/common/philox.h).
+// threshold (B,): per-sample dynamic-thresholding scale s >= 1.
+#define VQK_DDIM_STEP_ARGS                                                                    \
+  const at::Tensor &sample, const at::Tensor &cond, const std::optional<at::Tensor> &uncond,  \
+      const at::Tensor &timesteps, const at::Tensor &alphas_cumprod,                          \
+      const std::optional<at::Tensor> &variance_noise,                                        \
+      const std::optional<at::Tensor> &noise_seed, const std::optional<at::Tensor> &threshold, \
+      int64_t step_ratio, double final_alpha_cumprod, double eta,                             \
+      std::string_view prediction_type, bool clip_sample, double clip_sample_range,           \
+      bool use_clipped_model_output, double guidance_scale, int64_t guided_elems,             \
+      bool write_prev, bool write_x0
+std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(VQK_DDIM_STEP_ARGS);
+#ifdef VQKERNELS_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(VQK_DDIM_STEP_ARGS);
 #endif
 
 // Build facts, for vqkernels.info().

@@ -18,6 +18,13 @@ TORCH_LIBRARY(vqkernels, m) {
       "ema_update_from_stats(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, "
       "Tensor counts, Tensor sums, float decay, float eps, bool bias_correction, int step) -> ()");
   m.def(
+      "ddim_step(Tensor sample, Tensor cond, Tensor? uncond, Tensor timesteps, "
+      "Tensor alphas_cumprod, Tensor? variance_noise, Tensor? noise_seed, Tensor? threshold, "
+      "int step_ratio, float final_alpha_cumprod, float eta, str prediction_type, "
+      "bool clip_sample, float clip_sample_range, bool use_clipped_model_output, "
+      "float guidance_scale, int guided_elems, bool write_prev, bool write_x0) -> "
+      "(Tensor prev_sample, Tensor pred_original_sample)");
+  m.def(
       "timestep_embedding(Tensor t, int dim, float max_period, bool flip_sin_to_cos, "
       "float downscale_freq_shift, float scale, ScalarType dtype) -> Tensor");
   m.def(
@@ -27,6 +34,7 @@ TORCH_LIBRARY(vqkernels, m) {
 
 TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("code_counts_and_sums", &vqkernels::code_counts_and_sums_cpu);
+  m.impl("ddim_step", &vqkernels::ddim_step_cpu);
   m.impl("ema_update", &vqkernels::ema_update_cpu);
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cpu);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cpu);
@@ -36,6 +44,7 @@ TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
 #ifdef VQKERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
   m.impl("code_counts_and_sums", &vqkernels::code_counts_and_sums_cuda);
+  m.impl("ddim_step", &vqkernels::ddim_step_cuda);
   m.impl("ema_update", &vqkernels::ema_update_cuda);
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cuda);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cuda);

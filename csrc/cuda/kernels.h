@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "common/ddim.h"
 #include "common/dtype.h"
 #include "common/ema.h"
 #include "common/timestep.h"
@@ -47,5 +48,11 @@ cudaError_t launch_ema_finalize(float* cluster_size, float* embed_sum, void* cod
                                 const float* sums, int64_t k, int64_t dim,
                                 const common::EmaParams& params, float* total,
                                 cudaStream_t stream);
+
+// One fused DDIM step (csrc/cuda/ddim.cu); pointers as csrc/common/ddim.h,
+// sample (and noise, prev, x0) of sample_dtype, cond / uncond of output_dtype.
+cudaError_t launch_ddim_step(const common::DdimPointers& ptr, DType sample_dtype, DType output_dtype,
+                             int64_t b, int64_t m, const common::DdimParams& params,
+                             cudaStream_t stream);
 
 }  // namespace vqkernels::cuda

@@ -30,6 +30,7 @@ __all__ = [
     "cfg_combine_batched",
     "ddim_step",
     "add_noise",
+    "philox_normal",
 ]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -399,3 +400,54 @@ def add_noise(
     ct = _compute_dtype(original, noise)
     a = _alpha_at(alphas_cumprod, timesteps, None, original, ct)
     return (a.sqrt() * original.to(ct) + (1 - a).sqrt() * noise.to(ct)).to(original.dtype)
+
+
+# --------------------------------------------------------------------------
+# In-kernel noise
+# --------------------------------------------------------------------------
+
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int):
+    # The 64-bit product of uint32 values held in int64, as (high, low) words,
+    # without overflowing int64: split b into 16-bit halves.
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low_part = a * b_lo                       # < 2^48
+    high = (a * b_hi + (low_part >> 16)) >> 16
+    low = (low_part + ((a * b_hi) << 16)) & _MASK32
+    return high, low
+
+
+def philox_normal(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The standard normal noise the fused DDIM kernels draw, in float64.
+
+    For each int ``offset``: Philox4x32-10 (Salmon et al. 2011) with counter
+    ``(offset, 0, 0, 0)`` and key ``(seed mod 2^32, seed >> 32 mod 2^32)``
+    gives words ``w0, w1``; each becomes a float32 uniform ``u = float32(v) *
+    4.6566127342e-10`` with ``v`` the word read as int32 and folded to ``v >=
+    0`` by ``v -> ~v``; then Box-Muller: ``n = sqrt(-2 log max(u0, 1e-7)) *
+    cos(2 pi u1)``. This is ``triton.language.randn(seed, offset)``, and the
+    C++ / CUDA kernels use the same words and uniforms, so all backends draw
+    the same noise up to the rounding of log, sqrt and cos.
+    """
+    seed = int(seed) & ((1 << 64) - 1)
+    k0, k1 = seed & _MASK32, seed >> 32
+    c0 = offsets.to(torch.int64) & _MASK32
+    c1 = c2 = c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_ROUND[0])
+        hi2, lo2 = _mul_hi_lo(c2, _PHILOX_ROUND[1])
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_KEY_STEP[0]) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_STEP[1]) & _MASK32
+
+    def uniform(word):
+        signed = torch.where(word >= 2 ** 31, word - 2 ** 32, word)
+        folded = torch.where(signed < 0, -signed - 1, signed)
+        return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+    u0, u1 = uniform(c0).double().clamp(min=1e-7), uniform(c1).double()
+    return (-2.0 * u0.log()).sqrt() * torch.cos(2 * math.pi * u1)

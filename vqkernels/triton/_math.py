@@ -36,3 +36,11 @@ def cos(x):
         return tl.cos(x)
     else:
         return libdevice.cos(x)
+
+
+@triton.jit
+def log(x):
+    if _INTERPRETED:
+        return tl.log(x)
+    else:
+        return libdevice.log(x)

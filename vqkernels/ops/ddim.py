@@ -1,0 +1,389 @@
+"""One fused DDIM step (classifier-free guidance + update + noise), the public op.
+
+Backends: C++ CPU, CUDA and Triton run the whole step in one launch (two with
+dynamic thresholding, whose per-sample quantile needs x0 first); the
+reference composes ``reference.ddim.cfg_combine*`` and
+``reference.ddim.ddim_step``. ``auto`` order: on CPU the C++ kernel; on CUDA
+the CUDA kernel, then Triton (both are one bandwidth-bound pass; the CUDA
+launch is cheaper: to be confirmed by the GPU benchmark, which no session has
+run yet). Inputs that require grad go to the reference under ``auto`` (the
+kernels have no backward), as do float64 samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from vqkernels import _ext
+from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.reference import ddim as reference
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The scalars of one step, as every backend receives them."""
+
+    num_inference_steps: int
+    num_train_timesteps: int
+    final_alpha_cumprod: float
+    eta: float
+    prediction_type: str
+    clip_sample: bool
+    clip_sample_range: float
+    thresholding: bool
+    dynamic_thresholding_ratio: float
+    sample_max_value: float
+    use_clipped_model_output: bool
+    guidance_scale: float
+    guided_elems: int
+    write_x0: bool
+
+
+# --- backends ---------------------------------------------------------------------------
+# Each takes sample (B, M), cond and uncond (B, >= M) views of the model output
+# (uncond None without guidance), int64 timesteps (B,), the alphas_cumprod
+# table, noise (B, M) or a Philox seed (1,) or neither, and a StepConfig.
+
+def _run_reference(sample, cond, uncond, timesteps, table, noise, seed, cfg: StepConfig):
+    m, g = sample.shape[1], cfg.guided_elems
+    out = cond[:, :m]
+    if uncond is not None:
+        guided = reference.cfg_combine(uncond[:, :g], cond[:, :g], cfg.guidance_scale)
+        out = torch.cat([guided, cond[:, g:m]], dim=1)
+    if seed is not None:
+        offsets = torch.arange(sample.numel(), device=sample.device).view(sample.shape)
+        noise = reference.philox_normal(int(seed.item()), offsets)
+    prev, x0 = reference.ddim_step(
+        out, timesteps, sample, table, cfg.final_alpha_cumprod,
+        num_inference_steps=cfg.num_inference_steps, num_train_timesteps=cfg.num_train_timesteps,
+        eta=cfg.eta, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
+        clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
+        dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+        sample_max_value=cfg.sample_max_value,
+        use_clipped_model_output=cfg.use_clipped_model_output,
+        variance_noise=noise if cfg.eta > 0 else None)
+    return prev, (x0 if cfg.write_x0 else None)
+
+
+def _fused(kernel):
+    """A kernel backend: one launch, or two with dynamic thresholding."""
+
+    def run(sample, cond, uncond, timesteps, table, noise, seed, cfg: StepConfig):
+        table = table.to(device=sample.device, dtype=torch.float32).contiguous()
+        threshold = None
+        if cfg.thresholding:
+            # Pass 1 writes only the unclipped x0; its per-sample quantile of
+            # |x0| (as the reference computes it) scales pass 2.
+            _, raw_x0 = kernel(sample, cond, uncond, timesteps, table, None, None, None,
+                               replace(cfg, thresholding=False, clip_sample=False),
+                               write_prev=False, write_x0=True)
+            threshold = torch.quantile(raw_x0.float().abs(), cfg.dynamic_thresholding_ratio,
+                                       dim=1).clamp_(min=1, max=cfg.sample_max_value)
+        prev, x0 = kernel(sample, cond, uncond, timesteps, table, noise, seed, threshold, cfg,
+                          write_prev=True, write_x0=cfg.write_x0)
+        return prev, (x0 if cfg.write_x0 else None)
+
+    return run
+
+
+def _kernel_args(sample, cond, uncond, timesteps, table, noise, seed, threshold, cfg, *,
+                 write_prev, write_x0):
+    step_ratio = cfg.num_train_timesteps // cfg.num_inference_steps
+    return (sample, cond, uncond, timesteps, table, noise, seed, threshold, step_ratio,
+            cfg.final_alpha_cumprod, cfg.eta, cfg.prediction_type, cfg.clip_sample,
+            cfg.clip_sample_range, cfg.use_clipped_model_output, cfg.guidance_scale,
+            cfg.guided_elems, write_prev, write_x0)
+
+
+def _compiled_kernel(*args, **kwargs):
+    return torch.ops.vqkernels.ddim_step(*_kernel_args(*args, **kwargs))
+
+
+def _triton_kernel(*args, **kwargs):
+    return torch.ops.vqkernels.ddim_step_triton(*_kernel_args(*args, **kwargs))
+
+
+def _no_grad_limit(*, requires_grad=False, **_):
+    return (["inputs require grad and the fused step has no backward (use backend='reference')"]
+            if requires_grad else [])
+
+
+DISPATCH = OpDispatch(
+    op="ddim_step",
+    backends={
+        "reference": Backend("reference", _run_reference),
+        "cpu": Backend("cpu", _fused(_compiled_kernel), KERNEL_DTYPES, _no_grad_limit),
+        "cuda": Backend("cuda", _fused(_compiled_kernel), KERNEL_DTYPES, _no_grad_limit),
+        "triton": Backend("triton", _fused(_triton_kernel), KERNEL_DTYPES, _no_grad_limit),
+    },
+    auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
+)
+
+
+# --- the op -----------------------------------------------------------------------------
+
+def ddim_step(
+    model_output: torch.Tensor,
+    timestep,
+    sample: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    final_alpha_cumprod: float = 1.0,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    use_clipped_model_output: bool = False,
+    guidance_scale: float | None = None,
+    uncond_output: torch.Tensor | None = None,
+    guidance_channels: int | None = None,
+    variance_noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise_seed: torch.Tensor | None = None,
+    return_pred_original: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One DDIM step ``x_t -> x_{t - T // n}`` fused with guidance and noise.
+
+    Returns ``(prev_sample, pred_original_sample)`` (the second ``None`` when
+    ``return_pred_original=False``, which saves its write). The math is
+    ``vqkernels.reference.ddim.ddim_step`` (diffusers' ``DDIMScheduler.step``,
+    DDIM eq. 12) with ``T = len(alphas_cumprod)``, after the guidance combine:
+
+    - ``guidance_scale=None``: the model output is used as is (batch B).
+    - ``guidance_scale=s`` with ``uncond_output``: ``uncond + s * (cond -
+      uncond)`` of the two tensors; without it, ``model_output`` has batch 2B
+      ordered ``[cond; uncond]`` (DiT's ``forward_with_cfg``).
+    - ``guidance_channels``: guide only the first C channels (dim 1); the rest
+      come from the cond half (DiT guides 3 of 4). Default: all of them.
+
+    The model output may have more channels than ``sample`` (DiT's learned
+    sigma): the first ``sample.shape[1]`` are used. ``timestep`` is an int, a
+    0-d tensor or a ``(B,)`` integer tensor (each sample at its own step; on
+    the sample's device nothing syncs with the host). A device timestep
+    outside ``[0, T)`` cannot be checked without a sync: its sample comes out
+    NaN. ``final_alpha_cumprod`` is the ``a_prev`` past the start (1.0 for
+    diffusers' ``set_alpha_to_one``).
+
+    Noise (``eta > 0``): ``variance_noise`` when given, else drawn in the
+    kernel from Philox keyed by ``noise_seed`` (one int64 on the sample's
+    device, e.g. from a schedule of seeds that a CUDA graph replays), else by a
+    seed drawn from ``generator`` (the device's default generator when None);
+    the stream is ``reference.ddim.philox_normal(seed, b * M + j)``.
+
+    Math in float32 for float16/bfloat16/float32 tensors (the reference: in
+    float64 for float64); outputs in ``sample.dtype``. No autograd: inputs that
+    require grad run the reference under ``backend="auto"``.
+    """
+    _validate(model_output, timestep, sample, alphas_cumprod, num_inference_steps,
+              final_alpha_cumprod, eta, prediction_type, clip_sample_range,
+              dynamic_thresholding_ratio, sample_max_value, guidance_scale, uncond_output,
+              guidance_channels, variance_noise, noise_seed)
+    b, m = sample.shape[0], math.prod(sample.shape[1:])
+    channels = sample.shape[1] if sample.dim() >= 2 else 1
+    if b == 0:
+        return torch.empty_like(sample), (torch.empty_like(sample) if return_pred_original else None)
+    cond, uncond = _model_outputs(model_output, uncond_output, guidance_scale, b)
+    timesteps = _per_sample_timesteps(timestep, b, sample.device, alphas_cumprod.shape[0])
+    requires_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (model_output, uncond_output, sample))
+    run = DISPATCH.select(backend, sample.device, sample.dtype, requires_grad=requires_grad).run
+
+    noise, seed = None, None
+    if eta > 0:
+        if variance_noise is not None:
+            noise = variance_noise.to(sample.dtype).reshape(b, m).contiguous()
+        else:
+            seed = noise_seed.reshape(1) if noise_seed is not None else draw_noise_seed(
+                generator, sample.device)
+    cfg = StepConfig(
+        num_inference_steps=int(num_inference_steps),
+        num_train_timesteps=int(alphas_cumprod.shape[0]),
+        final_alpha_cumprod=float(final_alpha_cumprod), eta=float(eta),
+        prediction_type=prediction_type, clip_sample=bool(clip_sample),
+        clip_sample_range=float(clip_sample_range), thresholding=bool(thresholding),
+        dynamic_thresholding_ratio=float(dynamic_thresholding_ratio),
+        sample_max_value=float(sample_max_value),
+        use_clipped_model_output=bool(use_clipped_model_output),
+        guidance_scale=float(guidance_scale) if guidance_scale is not None else 1.0,
+        guided_elems=(channels if guidance_channels is None else guidance_channels) * (m // max(channels, 1)),
+        write_x0=bool(return_pred_original),
+    )
+    prev, x0 = run(sample.reshape(b, m).contiguous(), cond, uncond, timesteps, alphas_cumprod,
+                   noise, seed, cfg)
+    return prev.view(sample.shape), (x0.view(sample.shape) if x0 is not None else None)
+
+
+def draw_noise_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A fresh Philox key (1,) int64 on ``device``, drawn from ``generator``.
+
+    No host sync: the draw happens on the generator's device (a CPU
+    generator's seed is then copied to the sample's device).
+    """
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device,
+                         dtype=torch.int64)
+    return seed.to(device, non_blocking=True)
+
+
+def _model_outputs(model_output, uncond_output, guidance_scale, b):
+    """(cond, uncond) as (B, per-sample) views; uncond None without guidance."""
+    if guidance_scale is None:
+        return model_output.reshape(b, -1), None
+    if uncond_output is not None:
+        return model_output.reshape(b, -1), uncond_output.reshape(b, -1)
+    rows = model_output.reshape(2 * b, -1)
+    return rows[:b], rows[b:]
+
+
+def _per_sample_timesteps(timestep, b, device, num_train_timesteps):
+    if isinstance(timestep, torch.Tensor):
+        t = timestep.to(device=device, dtype=torch.int64)
+        return t.expand(b) if t.dim() == 0 else t
+    return torch.full((b,), int(timestep), dtype=torch.int64, device=device)
+
+
+def _validate(model_output, timestep, sample, alphas_cumprod, num_inference_steps,
+              final_alpha_cumprod, eta, prediction_type, clip_sample_range,
+              dynamic_thresholding_ratio, sample_max_value, guidance_scale, uncond_output,
+              guidance_channels, variance_noise, noise_seed):
+    for name, x in (("model_output", model_output), ("sample", sample),
+                    ("alphas_cumprod", alphas_cumprod)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if sample.dim() < 1:
+        raise ValueError("sample must have a batch dimension, got a 0-d tensor")
+    if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0:
+        raise ValueError(f"alphas_cumprod must be a non-empty 1-D table, got shape "
+                         f"{tuple(alphas_cumprod.shape)}")
+    num_train = alphas_cumprod.shape[0]
+    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train:
+        raise ValueError(f"num_inference_steps must be an int in [1, {num_train}] "
+                         f"(len(alphas_cumprod)), got {num_inference_steps!r}")
+    if prediction_type not in reference.PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {reference.PREDICTION_TYPES}, "
+                         f"got {prediction_type!r}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if not 0 <= float(final_alpha_cumprod) <= 1:
+        raise ValueError(f"final_alpha_cumprod must be in [0, 1], got {final_alpha_cumprod!r}")
+    if not clip_sample_range > 0:
+        raise ValueError(f"clip_sample_range must be positive, got {clip_sample_range!r}")
+    if not 0 <= dynamic_thresholding_ratio <= 1:
+        raise ValueError("dynamic_thresholding_ratio must be in [0, 1], got "
+                         f"{dynamic_thresholding_ratio!r}")
+    if not sample_max_value >= 1:
+        raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value!r}")
+    _validate_timestep(timestep, sample, num_train)
+    _validate_model_output(model_output, sample, guidance_scale, uncond_output, guidance_channels)
+    if variance_noise is not None:
+        if not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != sample.shape:
+            raise ValueError(f"variance_noise must be a tensor of the sample's shape "
+                             f"{tuple(sample.shape)}")
+        if variance_noise.device != sample.device or not variance_noise.dtype.is_floating_point:
+            raise ValueError("variance_noise must be a floating tensor on the sample's device")
+    if noise_seed is not None:
+        if (not isinstance(noise_seed, torch.Tensor) or noise_seed.numel() != 1
+                or noise_seed.dtype != torch.int64 or noise_seed.device != sample.device):
+            raise ValueError("noise_seed must be a one-element int64 tensor on the sample's device")
+        if variance_noise is not None:
+            raise ValueError("give variance_noise or noise_seed, not both")
+    if sample.numel() >= 2 ** 31:
+        raise ValueError(f"sample must have fewer than 2^31 elements, got {sample.numel()}")
+
+
+def _validate_timestep(timestep, sample, num_train):
+    if isinstance(timestep, torch.Tensor):
+        if timestep.dtype.is_floating_point or timestep.dtype == torch.bool:
+            raise TypeError(f"timestep must be an integer tensor, got {timestep.dtype}")
+        if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] != sample.shape[0]):
+            raise ValueError(f"timestep must be 0-d or (B,) = ({sample.shape[0]},), got shape "
+                             f"{tuple(timestep.shape)}")
+        checkable = timestep.device.type == "cpu" and not torch.compiler.is_compiling()
+        if checkable and timestep.numel():  # without a device sync or a graph break
+            low, high = int(timestep.min()), int(timestep.max())
+            if low < 0 or high >= num_train:
+                raise ValueError(f"timestep must be in [0, {num_train}), got values in "
+                                 f"[{low}, {high}]")
+        return
+    if isinstance(timestep, bool) or not isinstance(timestep, int):
+        raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
+    if not 0 <= timestep < num_train:
+        raise ValueError(f"timestep must be in [0, {num_train}), got {timestep}")
+
+
+def _validate_model_output(model_output, sample, guidance_scale, uncond_output, guidance_channels):
+    b = sample.shape[0]
+    batched = guidance_scale is not None and uncond_output is None
+    want_batch = 2 * b if batched else b
+    if guidance_scale is None and uncond_output is not None:
+        raise ValueError("uncond_output needs guidance_scale")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    outputs = [("model_output", model_output)]
+    if uncond_output is not None:
+        if not isinstance(uncond_output, torch.Tensor):
+            raise TypeError(f"uncond_output must be a torch.Tensor, got {type(uncond_output).__name__}")
+        if uncond_output.shape != model_output.shape or uncond_output.dtype != model_output.dtype:
+            raise ValueError(f"uncond_output must match model_output's shape and dtype, got "
+                             f"{tuple(uncond_output.shape)} {uncond_output.dtype}")
+        outputs.append(("uncond_output", uncond_output))
+    for name, out in outputs:
+        if out.device != sample.device:
+            raise ValueError(f"{name} must be on the sample's device {sample.device}, got {out.device}")
+        ok = (out.dim() == sample.dim() and out.shape[0] == want_batch
+              and out.shape[2:] == sample.shape[2:]
+              and (sample.dim() < 2 or out.shape[1] >= sample.shape[1]))
+        if not ok:
+            what = "2B = [cond; uncond]" if batched else "B"
+            raise ValueError(f"{name} must have shape ({what}, >= C, *spatial) for a sample of "
+                             f"shape {tuple(sample.shape)}, got {tuple(out.shape)}")
+    channels = sample.shape[1] if sample.dim() >= 2 else 1
+    if guidance_channels is not None and not (
+            isinstance(guidance_channels, int) and 0 <= guidance_channels <= channels):
+        raise ValueError(f"guidance_channels must be an int in [0, {channels}], got "
+                         f"{guidance_channels!r}")
+
+
+# --- torch.library registration -----------------------------------------------------------
+
+def _fake(sample, cond, uncond, timesteps, alphas_cumprod, variance_noise, noise_seed, threshold,
+          step_ratio, final_alpha_cumprod, eta, prediction_type, clip_sample, clip_sample_range,
+          use_clipped_model_output, guidance_scale, guided_elems, write_prev, write_x0):
+    def out(write):
+        return sample.new_empty(sample.shape if write else (0,))
+
+    return out(write_prev), out(write_x0)
+
+
+@torch.library.custom_op("vqkernels::ddim_step_triton", mutates_args=())
+def _ddim_step_triton(
+        sample: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+        timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+        variance_noise: torch.Tensor | None, noise_seed: torch.Tensor | None,
+        threshold: torch.Tensor | None, step_ratio: int, final_alpha_cumprod: float, eta: float,
+        prediction_type: str, clip_sample: bool, clip_sample_range: float,
+        use_clipped_model_output: bool, guidance_scale: float, guided_elems: int,
+        write_prev: bool, write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from vqkernels.triton import ddim as triton_ddim  # imports triton on first use
+
+    return triton_ddim.ddim_step(
+        sample, cond, uncond, timesteps, alphas_cumprod, variance_noise, noise_seed, threshold,
+        step_ratio, final_alpha_cumprod, eta, prediction_type, clip_sample, clip_sample_range,
+        use_clipped_model_output, guidance_scale, guided_elems, write_prev, write_x0)
+
+
+torch.library.register_fake("vqkernels::ddim_step_triton", _fake)
+if _ext._C is not None:
+    torch.library.register_fake("vqkernels::ddim_step", _fake)

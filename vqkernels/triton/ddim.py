@@ -1,0 +1,126 @@
+"""One fused DDIM step, Triton kernel (math in vqkernels/reference/ddim.py::ddim_step,
+mirrored from csrc/common/ddim.h)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vqkernels.triton import _math
+
+_PREDICTIONS = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+_BLOCK = 1024
+
+
+@triton.jit
+def _philox_normal(seed, offsets):
+    """reference.ddim.philox_normal: Philox4x32-10 words, as tl.randn, with precise log/cos."""
+    w0, w1, _, _ = tl.randint4x(seed, offsets)
+    scale: tl.constexpr = 4.6566127342e-10
+    v0, v1 = w0.to(tl.int32, bitcast=True), w1.to(tl.int32, bitcast=True)
+    u0 = tl.maximum(tl.where(v0 < 0, ~v0, v0).to(tl.float32) * scale, 1.0e-7)
+    u1 = tl.where(v1 < 0, ~v1, v1).to(tl.float32) * scale
+    return tl.sqrt_rn(-2.0 * _math.log(u0)) * _math.cos(6.283185307179586 * u1)
+
+
+@triton.jit
+def _ddim_step_kernel(
+    x_ptr, cond_ptr, uncond_ptr, out_stride, t_ptr, t_stride, table_ptr, num_train, step_ratio,
+    final_alpha, eta, clip_range, guidance_scale, guided_elems, noise_ptr, seed_ptr,
+    threshold_ptr, prev_ptr, x0_ptr, m,
+    PREDICTION: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr,
+    THRESHOLD: tl.constexpr, USE_CLIPPED: tl.constexpr, NOISE: tl.constexpr,
+    WRITE_PREV: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """BLOCK elements j of sample b (program (j-block, b)):
+
+        out  = j < guided_elems ? uncond + s * (cond - uncond) : cond
+        x0   = (x - sqrt(1-a_t) out) / sqrt(a_t) | out | sqrt(a_t) x - sqrt(1-a_t) out
+        x0   = clamp(x0, -r, r)  or  clamp(x0, -s_b, s_b) / s_b   (thresholding)
+        eps  = out | (x - sqrt(a_t) x0_raw) / sqrt(1-a_t) | sqrt(a_t) out + sqrt(1-a_t) x
+        prev = sqrt(a_prev) x0 + sqrt(max(1 - a_prev - std^2, 0)) eps + std * noise
+
+    a_t = table[t_b], a_prev = table[t_b - step_ratio] (final_alpha before 0),
+    std = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)). NOISE: 0 none,
+    1 given, 2 Philox at counter b * M + j. Bandwidth-bound: per element one
+    read of x, cond (and uncond, noise), one write of prev (and x0).
+    """
+    b = tl.program_id(1)
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < m
+    t = tl.load(t_ptr + b * t_stride)
+    valid = (t >= 0) & (t < num_train)
+    a_t = tl.load(table_ptr + tl.where(valid, t, 0))
+    prev_t = t - step_ratio
+    a_prev = tl.where(prev_t >= 0, tl.load(table_ptr + tl.maximum(prev_t, 0)), final_alpha)
+    a_t = tl.where(valid, a_t, float("nan"))  # a bad device-side timestep: NaN output
+    b_t = 1.0 - a_t
+    sqrt_a, sqrt_b = tl.sqrt_rn(a_t), tl.sqrt_rn(b_t)
+    std = eta * tl.sqrt_rn((1.0 - a_prev) / b_t * (1.0 - a_t / a_prev))
+    direction = tl.sqrt_rn(tl.maximum(1.0 - a_prev - std * std, 0.0))
+    sqrt_a_prev = tl.sqrt_rn(a_prev)
+
+    row = b.to(tl.int64) * m
+    x = tl.load(x_ptr + row + j, mask=mask, other=0.0).to(tl.float32)
+    out_row = b.to(tl.int64) * out_stride
+    out = tl.load(cond_ptr + out_row + j, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        uncond = tl.load(uncond_ptr + out_row + j, mask=mask & (j < guided_elems),
+                         other=0.0).to(tl.float32)
+        out = tl.where(j < guided_elems, uncond + guidance_scale * (out - uncond), out)
+
+    if PREDICTION == 0:
+        x0_raw = (x - sqrt_b * out) / sqrt_a
+        eps = out
+    elif PREDICTION == 1:
+        x0_raw = out
+        eps = (x - sqrt_a * x0_raw) / sqrt_b
+    else:
+        x0_raw = sqrt_a * x - sqrt_b * out
+        eps = sqrt_a * out + sqrt_b * x
+    x0 = x0_raw
+    if THRESHOLD:
+        s = tl.load(threshold_ptr + b)
+        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+    elif CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    if WRITE_X0:
+        tl.store(x0_ptr + row + j, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+    if WRITE_PREV:
+        if USE_CLIPPED:
+            eps = (x - sqrt_a * x0) / sqrt_b
+        prev = sqrt_a_prev * x0 + direction * eps
+        if NOISE == 1:
+            prev += std * tl.load(noise_ptr + row + j, mask=mask, other=0.0).to(tl.float32)
+        elif NOISE == 2:
+            seed = tl.load(seed_ptr)
+            prev += std * _philox_normal(seed, (row + j).to(tl.int32))
+        tl.store(prev_ptr + row + j, prev.to(prev_ptr.dtype.element_ty), mask=mask)
+
+
+def ddim_step(sample, cond, uncond, timesteps, alphas_cumprod, variance_noise, noise_seed,
+              threshold, step_ratio, final_alpha_cumprod, eta, prediction_type, clip_sample,
+              clip_sample_range, use_clipped_model_output, guidance_scale, guided_elems,
+              write_prev, write_x0):
+    """Launch on validated inputs (vqkernels/ops/ddim.py); same contract as the C++ op."""
+    b, m = sample.shape
+    prev = torch.empty_like(sample) if write_prev else sample.new_empty(0)
+    x0 = torch.empty_like(sample) if write_x0 else sample.new_empty(0)
+    if sample.numel() == 0 or not (write_prev or write_x0):
+        return prev, x0
+    noise_mode = 0 if eta <= 0 else (1 if variance_noise is not None else (2 if noise_seed is not None else 0))
+    grid = (triton.cdiv(m, _BLOCK), b)
+    _ddim_step_kernel[grid](
+        sample, cond, uncond if uncond is not None else cond, cond.stride(0), timesteps,
+        timesteps.stride(0), alphas_cumprod, alphas_cumprod.shape[0], step_ratio,
+        final_alpha_cumprod, eta, clip_sample_range, guidance_scale, guided_elems,
+        variance_noise if variance_noise is not None else sample,
+        noise_seed if noise_seed is not None else timesteps,
+        threshold if threshold is not None else alphas_cumprod, prev if write_prev else sample,
+        x0 if write_x0 else sample, m,
+        PREDICTION=_PREDICTIONS[prediction_type], GUIDED=uncond is not None,
+        CLIP=clip_sample, THRESHOLD=threshold is not None,
+        USE_CLIPPED=use_clipped_model_output, NOISE=noise_mode, WRITE_PREV=write_prev,
+        WRITE_X0=write_x0, BLOCK=_BLOCK,
+    )
+    return prev, x0
