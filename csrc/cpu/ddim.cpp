@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <memory>
 
 #include "common/checks.h"
 #include "common/ddim.h"
@@ -25,27 +26,76 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per task
 
-template <typename S, typename O>
+// Buffers of one task: its elements' noise, x0 and x_prev in float32.
+struct TileBuffers {
+  float noise[kChunk];
+  float x0[kChunk];
+  float prev[kChunk];
+};
+alignas(64) constexpr float kNoNoise[kChunk] = {};
+
+// The step of n elements of one sample, all guided or none, into float
+// buffers. Compile-time prediction type and guidance and no stores to
+// optional outputs make the loop branch-free, so it vectorizes.
+template <typename S, typename O, common::Prediction kPrediction, bool kGuided>
+void step_elements(const S* x, const O* cond, const O* uncond, const float* z, float* x0,
+                   float* prev, int64_t n, float threshold, const common::DdimCoefficients& c,
+                   common::DdimParams p) {
+  p.prediction = kPrediction;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float out = static_cast<float>(cond[j]);
+    if constexpr (kGuided) out = common::cfg_guide(out, static_cast<float>(uncond[j]), p.guidance_scale);
+    const auto e = common::ddim_element(static_cast<float>(x[j]), out, z[j], threshold, c, p);
+    x0[j] = e.x0;
+    prev[j] = e.prev;
+  }
+}
+
+template <typename S>
+void store(const float* from, S* to, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) to[j] = static_cast<S>(from[j]);
+}
+
+template <typename S, typename O, common::Prediction kPrediction>
 void step_range(const common::DdimPointers& ptr, const common::DdimParams& p, int64_t b, int64_t m,
-                int64_t begin, int64_t end) {
+                int64_t begin, int64_t end, TileBuffers& buf) {
   const auto c = common::ddim_coefficients(ptr.alphas_cumprod, ptr.timesteps[b * ptr.timestep_stride], p);
   const float threshold = ptr.threshold ? ptr.threshold[b] : 0.0f;
-  const bool add_noise = ptr.prev && p.eta > 0.0f && (ptr.noise || ptr.seed);
-  const uint64_t seed = ptr.seed ? static_cast<uint64_t>(*ptr.seed) : 0;
-  const S* x = static_cast<const S*>(ptr.sample) + b * m;
-  const O* cond = static_cast<const O*>(ptr.cond) + b * ptr.out_stride;
-  const O* uncond = ptr.uncond ? static_cast<const O*>(ptr.uncond) + b * ptr.out_stride : nullptr;
-  const S* noise = ptr.noise ? static_cast<const S*>(ptr.noise) + b * m : nullptr;
-  S* prev = ptr.prev ? static_cast<S*>(ptr.prev) + b * m : nullptr;
-  S* x0_out = ptr.x0 ? static_cast<S*>(ptr.x0) + b * m : nullptr;
-  for (int64_t j = begin; j < end; ++j) {
-    float out = static_cast<float>(cond[j]);
-    if (uncond && j < p.guided_elems) out = common::cfg_guide(out, static_cast<float>(uncond[j]), p.guidance_scale);
-    float z = 0.0f;
-    if (add_noise) z = noise ? static_cast<float>(noise[j]) : common::philox_normal(seed, static_cast<uint32_t>(b * m + j));
-    const auto e = common::ddim_element(static_cast<float>(x[j]), out, z, threshold, c, p);
-    if (x0_out) x0_out[j] = static_cast<S>(e.x0);
-    if (prev) prev[j] = static_cast<S>(e.prev);
+  const int64_t n = end - begin;
+  const S* x = static_cast<const S*>(ptr.sample) + b * m + begin;
+  const O* cond = static_cast<const O*>(ptr.cond) + b * ptr.out_stride + begin;
+  const O* uncond = ptr.uncond ? static_cast<const O*>(ptr.uncond) + b * ptr.out_stride + begin : nullptr;
+  const float* z = kNoNoise;
+  if (ptr.prev && p.eta > 0.0f && (ptr.noise || ptr.seed)) {
+    const S* given = ptr.noise ? static_cast<const S*>(ptr.noise) + b * m + begin : nullptr;
+    const uint64_t seed = ptr.seed ? static_cast<uint64_t>(*ptr.seed) : 0;
+    for (int64_t j = 0; j < n; ++j) {
+      buf.noise[j] = given ? static_cast<float>(given[j])
+                           : common::philox_normal(seed, static_cast<uint32_t>(b * m + begin + j));
+    }
+    z = buf.noise;
+  }
+  const int64_t guided = uncond ? std::clamp(p.guided_elems - begin, int64_t{0}, n) : 0;
+  step_elements<S, O, kPrediction, true>(x, cond, uncond, z, buf.x0, buf.prev, guided, threshold, c, p);
+  step_elements<S, O, kPrediction, false>(x + guided, cond + guided, nullptr, z + guided,
+                                          buf.x0 + guided, buf.prev + guided, n - guided,
+                                          threshold, c, p);
+  if (ptr.x0) store(buf.x0, static_cast<S*>(ptr.x0) + b * m + begin, n);
+  if (ptr.prev) store(buf.prev, static_cast<S*>(ptr.prev) + b * m + begin, n);
+}
+
+template <typename S, typename O>
+void step_tile(const common::DdimPointers& ptr, const common::DdimParams& p, int64_t b, int64_t m,
+               int64_t begin, int64_t end, TileBuffers& buf) {
+  switch (p.prediction) {
+    case common::Prediction::Epsilon:
+      return step_range<S, O, common::Prediction::Epsilon>(ptr, p, b, m, begin, end, buf);
+    case common::Prediction::Sample:
+      return step_range<S, O, common::Prediction::Sample>(ptr, p, b, m, begin, end, buf);
+    default:
+      return step_range<S, O, common::Prediction::VPrediction>(ptr, p, b, m, begin, end, buf);
   }
 }
 
@@ -69,9 +119,10 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(VQK_DDIM_STEP_ARGS) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cond.scalar_type(), "ddim_output", [&] {
       using O = scalar_t;
       at::parallel_for(0, b * chunks, 1, [&](int64_t begin, int64_t end) {
+        auto buf = std::make_unique<TileBuffers>();
         for (int64_t tile = begin; tile < end; ++tile) {
           const int64_t row = tile / chunks, start = (tile % chunks) * kChunk;
-          step_range<S, O>(ptr, p, row, m, start, std::min(start + kChunk, m));
+          step_tile<S, O>(ptr, p, row, m, start, std::min(start + kChunk, m), *buf);
         }
       });
     });
