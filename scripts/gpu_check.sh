@@ -21,7 +21,7 @@ OUTDIR="$(cd "$OUTDIR" && pwd)"
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python}"
-SANITIZER_K="${SANITIZER_K:-(timestep or nearest_code or ema or counts) and not triton and not 64bit and not many_rows}"
+SANITIZER_K="${SANITIZER_K:-(timestep or nearest_code or ema or counts or parity_given_noise or parity_guidance or in_kernel_noise) and not triton and not 64bit and not many_rows}"
 COMPUTE_SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 
 NAMES=()

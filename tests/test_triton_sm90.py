@@ -18,7 +18,7 @@ COMPILE_ALL = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqkernels.triton import ema, search, timestep
+    from vqkernels.triton import ddim, ema, search, timestep
 
     TARGET = GPUTarget("cuda", 90, 32)
     done = 0
@@ -71,6 +71,21 @@ COMPILE_ALL = textwrap.dedent('''
           dict(n="i32", dim="i32", half="i32", neg_log_max_period="fp32",
                freq_denominator="fp32", scale="fp32"),
           dict(FLIP_SIN_TO_COS=True, BLOCK_N=32, BLOCK_F=128))
+
+    # DDIM step: every prediction type and noise mode, bf16 and fp32, full and x0-only passes.
+    for dtype in ("*fp32", "*bf16"):
+        for prediction in (0, 1, 2):
+            for noise, threshold, guided in ((0, False, False), (1, True, True), (2, False, True)):
+                build(ddim._ddim_step_kernel,
+                      dict(x_ptr=dtype, cond_ptr=dtype, uncond_ptr=dtype, t_ptr="*i64",
+                           table_ptr="*fp32", noise_ptr=dtype, seed_ptr="*i64",
+                           threshold_ptr="*fp32", prev_ptr=dtype, x0_ptr=dtype),
+                      dict(out_stride="i32", t_stride="i32", num_train="i32", step_ratio="i32",
+                           final_alpha="fp32", eta="fp32", clip_range="fp32",
+                           guidance_scale="fp32", guided_elems="i32", m="i32"),
+                      dict(PREDICTION=prediction, GUIDED=guided, CLIP=True, THRESHOLD=threshold,
+                           USE_CLIPPED=prediction == 1, NOISE=noise, WRITE_PREV=True,
+                           WRITE_X0=noise != 2, BLOCK=ddim._BLOCK))
     print(f"compiled {done} kernels")
 ''')
 

@@ -1,9 +1,9 @@
 """vqkernels: fused GPU kernels for VQ tokenizers and diffusion transformers."""
-from vqkernels import nn, ops, reference
+from vqkernels import nn, ops, reference, sampling
 from vqkernels._dispatch import BackendUnavailableError
 from vqkernels._info import info
 from vqkernels._version import __version__
 from vqkernels.nn import VectorQuantize, VectorQuantizer
 
 __all__ = ["BackendUnavailableError", "VectorQuantize", "VectorQuantizer", "__version__", "info",
-           "nn", "ops", "reference"]
+           "nn", "ops", "reference", "sampling"]

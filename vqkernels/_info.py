@@ -12,9 +12,10 @@ from vqkernels._version import __version__
 
 
 def _op_dispatches():
-    from vqkernels.ops import timestep
+    from vqkernels.ops import ddim, timestep
 
-    return {"timestep_embedding": (timestep.DISPATCH, torch.float32)}
+    return {"timestep_embedding": (timestep.DISPATCH, torch.float32),
+            "ddim_step": (ddim.DISPATCH, torch.float32)}
 
 
 def _devices() -> list[torch.device]:

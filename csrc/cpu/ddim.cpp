@@ -24,7 +24,8 @@
 namespace vqkernels {
 namespace {
 
-constexpr int64_t kChunk = 4096;  // elements per task
+constexpr int64_t kChunk = 4096;           // elements per tile
+constexpr int64_t kMinTilesPerTask = 8;    // small steps stay on one thread
 
 // Buffers of one task: its elements' noise, x0 and x_prev in float32.
 struct TileBuffers {
@@ -118,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(VQK_DDIM_STEP_ARGS) {
     using S = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cond.scalar_type(), "ddim_output", [&] {
       using O = scalar_t;
-      at::parallel_for(0, b * chunks, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, b * chunks, kMinTilesPerTask, [&](int64_t begin, int64_t end) {
         auto buf = std::make_unique<TileBuffers>();
         for (int64_t tile = begin; tile < end; ++tile) {
           const int64_t row = tile / chunks, start = (tile % chunks) * kChunk;

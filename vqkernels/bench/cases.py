@@ -22,6 +22,7 @@ REFERENCE = "reference"
 
 # op family -> module providing cases(device: torch.device, quick: bool) -> list[Case]
 OP_MODULES = {
+    "ddim": "vqkernels.bench.ddim",
     "ema": "vqkernels.bench.ema",
     "quantizer": "vqkernels.bench.quantizer",
     "search": "vqkernels.bench.search",

@@ -193,7 +193,7 @@ def ddim_step(
     if b == 0:
         return torch.empty_like(sample), (torch.empty_like(sample) if return_pred_original else None)
     cond, uncond = _model_outputs(model_output, uncond_output, guidance_scale, b)
-    timesteps = _per_sample_timesteps(timestep, b, sample.device, alphas_cumprod.shape[0])
+    timesteps = _per_sample_timesteps(timestep, b, sample.device)
     requires_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (model_output, uncond_output, sample))
     run = DISPATCH.select(backend, sample.device, sample.dtype, requires_grad=requires_grad).run
@@ -245,7 +245,7 @@ def _model_outputs(model_output, uncond_output, guidance_scale, b):
     return rows[:b], rows[b:]
 
 
-def _per_sample_timesteps(timestep, b, device, num_train_timesteps):
+def _per_sample_timesteps(timestep, b, device):
     if isinstance(timestep, torch.Tensor):
         t = timestep.to(device=device, dtype=torch.int64)
         return t.expand(b) if t.dim() == 0 else t

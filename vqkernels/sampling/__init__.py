@@ -1,1 +1,5 @@
-"""DDIM scheduler and sampler (arrive with the DDIM issue; the math is in vqkernels.reference.ddim)."""
+"""DDIM scheduler and sampler, both stepping with the fused vqkernels.ops.ddim_step."""
+from vqkernels.sampling.sampler import DDIMSampler, ddim_sample
+from vqkernels.sampling.scheduler import DDIMScheduler, DDIMSchedulerOutput
+
+__all__ = ["DDIMSampler", "DDIMScheduler", "DDIMSchedulerOutput", "ddim_sample"]
