@@ -82,12 +82,10 @@ VQK_HOST_DEVICE float clamp_propagating_nan(float x, float r) {
 
 // x0 clipped to [-r, r], or dynamically thresholded by the sample's s >= 1
 // (clamp to [-s, s], divide by s) when threshold > 0.
-// Branch-free (a clamp to +-inf and a division by 1 are exact), so the CPU
-// loop vectorizes.
 VQK_HOST_DEVICE float ddim_limit_x0(float x0, float threshold, const DdimParams& p) {
-  const bool thresholded = threshold > 0.0f;
-  const float range = thresholded ? threshold : (p.clip_sample ? p.clip_sample_range : INFINITY);
-  return clamp_propagating_nan(x0, range) / (thresholded ? threshold : 1.0f);
+  if (threshold > 0.0f) return clamp_propagating_nan(x0, threshold) / threshold;
+  if (p.clip_sample) return clamp_propagating_nan(x0, p.clip_sample_range);
+  return x0;
 }
 
 struct DdimElement {
