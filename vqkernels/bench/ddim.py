@@ -86,10 +86,6 @@ def _step_case(device, shape, dtype, guided) -> Case:
                 bytes=(out.numel() + 2 * sample.numel()) * itemsize)
 
 
-def _identity(x, t, y=None):
-    return x
-
-
 class _Identity(torch.nn.Module):
     num_classes = 1000
 
@@ -97,12 +93,12 @@ class _Identity(torch.nn.Module):
         return x
 
 
-def _plain_loop(shape, device, table, labels):
+def _plain_loop(model, shape, device, table, labels):
     scheduler = DDIMScheduler(clip_sample=False)
     scheduler.set_timesteps(NUM_STEPS)
     x = torch.randn(shape, device=device)
     for t in scheduler.timesteps.tolist():
-        out = _identity(torch.cat([x, x]), t, labels)
+        out = model(torch.cat([x, x]), t, labels)
         x, _ = plain_pytorch_step(out, t, x, table, step_ratio=1000 // NUM_STEPS,
                                   guidance_scale=GUIDANCE_SCALE)
     return x
@@ -112,7 +108,7 @@ def _loop_case(device, shape, guided) -> Case:
     table = _table(device)
     labels = torch.zeros(shape[0], dtype=torch.int64, device=device)
     model = _Identity()
-    fns = {REFERENCE: functools.partial(_plain_loop, shape, device, table, labels)}
+    fns = {REFERENCE: functools.partial(_plain_loop, model, shape, device, table, labels)}
     kw = dict(num_steps=NUM_STEPS, guidance_scale=GUIDANCE_SCALE, class_labels=labels,
               device=device)
     for name in usable_backends(ddim.DISPATCH, device, torch.float32):
