@@ -1,6 +1,7 @@
 #pragma once
 // Checks shared by the ATen-facing launchers (host code that includes torch).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -68,7 +69,8 @@ inline void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codeb
 // What would crash the DDIM step kernels (the rest is validated in
 // vqkernels/ops/ddim.py); returns the step's parameters. Shapes: sample (B, M)
 // contiguous, cond and uncond (B, >= M) with unit column stride, timesteps
-// (B,) int64, alphas_cumprod (T,) fp32 contiguous, variance_noise like sample,
+// (B,) int64, alphas_cumprod (T,) fp32 contiguous, variance_noise like sample
+// (its dtype or float32),
 // noise_seed one int64, threshold (B,) fp32 contiguous; all on one device.
 inline common::DdimParams check_ddim_args(
     const at::Tensor& sample, const at::Tensor& cond, const std::optional<at::Tensor>& uncond,
@@ -104,8 +106,9 @@ inline common::DdimParams check_ddim_args(
   if (variance_noise) {
     same_device(*variance_noise, "variance_noise");
     TORCH_CHECK(variance_noise->sizes() == sample.sizes() && variance_noise->is_contiguous() &&
-                    variance_noise->scalar_type() == sample.scalar_type(),
-                "variance_noise must be contiguous, with the sample's shape and dtype");
+                    (variance_noise->scalar_type() == sample.scalar_type() ||
+                     variance_noise->scalar_type() == at::kFloat),
+                "variance_noise must be contiguous, with the sample's shape and its dtype or float32");
   }
   if (noise_seed) {
     same_device(*noise_seed, "noise_seed");
@@ -134,6 +137,15 @@ inline common::DdimParams check_ddim_args(
           uncond ? guided_elems : 0};
 }
 
+// The step's outputs (prev, x0), each like sample, or empty (0,) when not written.
+inline std::tuple<at::Tensor, at::Tensor> ddim_outputs(const at::Tensor& sample, bool write_prev,
+                                                       bool write_x0) {
+  const auto like_sample = [&](bool write) {
+    return at::empty(write ? sample.sizes() : at::IntArrayRef{0}, sample.options());
+  };
+  return {like_sample(write_prev), like_sample(write_x0)};
+}
+
 // The raw pointers of a checked step; prev / x0 empty when not written.
 inline common::DdimPointers ddim_pointers(
     const at::Tensor& sample, const at::Tensor& cond, const std::optional<at::Tensor>& uncond,
@@ -144,6 +156,7 @@ inline common::DdimPointers ddim_pointers(
   return {sample.const_data_ptr(), cond.const_data_ptr(), maybe(uncond), cond.stride(0),
           alphas_cumprod.const_data_ptr<float>(), timesteps.const_data_ptr<int64_t>(),
           timesteps.stride(0), maybe(variance_noise),
+          variance_noise && variance_noise->scalar_type() == at::kFloat,
           static_cast<const int64_t*>(maybe(noise_seed)),
           static_cast<const float*>(maybe(threshold)),
           prev.numel() ? prev.mutable_data_ptr() : nullptr,

@@ -24,4 +24,24 @@ inline const std::string& cpu_capability() {
   return capability;
 }
 
+// A SIMD vector of VB bytes of T (GCC / Clang vector extension); a class
+// member, since the attribute is dropped on a typedef inside a function template.
+template <typename T, int VB>
+struct Simd {
+  static constexpr int kWidth = VB / static_cast<int>(sizeof(T));
+  typedef T Vec __attribute__((vector_size(VB)));
+};
+
+// Unaligned SIMD vector load and store.
+template <typename V, typename T>
+VQK_ALWAYS_INLINE V load_vec(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+VQK_ALWAYS_INLINE void store_vec(T* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
 }  // namespace vqkernels::common

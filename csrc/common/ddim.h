@@ -52,12 +52,18 @@ VQK_HOST_DEVICE DdimCoefficients ddim_coefficients(const float* alphas_cumprod, 
           std};
 }
 
-VQK_HOST_DEVICE float cfg_guide(float cond, float uncond, float guidance_scale) {
+// The element-wise math below is written once for T = float (CUDA, scalar
+// tails) and T = a SIMD vector of floats (the CPU kernel's lanes): only
+// arithmetic and selects, so every lane takes the same path.
+
+template <typename T>
+VQK_HOST_DEVICE T cfg_guide(T cond, T uncond, float guidance_scale) {
   return uncond + guidance_scale * (cond - uncond);
 }
 
 // The predicted clean sample x0, before clipping, from x_t and the model output.
-VQK_HOST_DEVICE float ddim_x0(float x, float out, const DdimCoefficients& c, Prediction kind) {
+template <typename T>
+VQK_HOST_DEVICE T ddim_x0(T x, T out, const DdimCoefficients& c, Prediction kind) {
   switch (kind) {
     case Prediction::Epsilon: return (x - c.sqrt_beta * out) / c.sqrt_alpha;
     case Prediction::Sample: return out;
@@ -66,8 +72,8 @@ VQK_HOST_DEVICE float ddim_x0(float x, float out, const DdimCoefficients& c, Pre
 }
 
 // The predicted noise eps, from the model output and the unclipped x0.
-VQK_HOST_DEVICE float ddim_eps(float x, float out, float x0, const DdimCoefficients& c,
-                               Prediction kind) {
+template <typename T>
+VQK_HOST_DEVICE T ddim_eps(T x, T out, T x0, const DdimCoefficients& c, Prediction kind) {
   switch (kind) {
     case Prediction::Epsilon: return out;
     case Prediction::Sample: return (x - c.sqrt_alpha * x0) / c.sqrt_beta;
@@ -75,32 +81,38 @@ VQK_HOST_DEVICE float ddim_eps(float x, float out, float x0, const DdimCoefficie
   }
 }
 
-// x clamped to [-r, r] with NaN kept, as torch.clamp (fminf / fmaxf would drop it).
-VQK_HOST_DEVICE float clamp_propagating_nan(float x, float r) {
-  return x < -r ? -r : (x > r ? r : x);
+// x clamped to [-r, r] with NaN kept, as torch.clamp (fminf / fmaxf would
+// drop it). T{} + v is v, broadcast to every lane when T is a vector.
+template <typename T>
+VQK_HOST_DEVICE T clamp_propagating_nan(T x, float r) {
+  const T lo = T{} + (-r), hi = T{} + r;
+  return x < lo ? lo : (x > hi ? hi : x);
 }
 
 // x0 clipped to [-r, r], or dynamically thresholded by the sample's s >= 1
 // (clamp to [-s, s], divide by s) when threshold > 0.
-VQK_HOST_DEVICE float ddim_limit_x0(float x0, float threshold, const DdimParams& p) {
+template <typename T>
+VQK_HOST_DEVICE T ddim_limit_x0(T x0, float threshold, const DdimParams& p) {
   if (threshold > 0.0f) return clamp_propagating_nan(x0, threshold) / threshold;
   if (p.clip_sample) return clamp_propagating_nan(x0, p.clip_sample_range);
   return x0;
 }
 
+template <typename T>
 struct DdimElement {
-  float x0;    // the predicted clean sample, clipped / thresholded
-  float prev;  // x_prev = sqrt(a_prev) * x0 + direction * eps + std * noise
+  T x0;    // the predicted clean sample, clipped / thresholded
+  T prev;  // x_prev = sqrt(a_prev) * x0 + direction * eps + std * noise
 };
 
 // One element's step from x_t, the (guided) model output and its noise (0
 // when there is none); threshold as in ddim_limit_x0.
-VQK_HOST_DEVICE DdimElement ddim_element(float x, float out, float noise, float threshold,
-                                         const DdimCoefficients& c, const DdimParams& p) {
-  const float x0_raw = ddim_x0(x, out, c, p.prediction);
-  const float x0 = ddim_limit_x0(x0_raw, threshold, p);
-  const float eps = p.use_clipped_model_output ? (x - c.sqrt_alpha * x0) / c.sqrt_beta
-                                               : ddim_eps(x, out, x0_raw, c, p.prediction);
+template <typename T>
+VQK_HOST_DEVICE DdimElement<T> ddim_element(T x, T out, T noise, float threshold,
+                                            const DdimCoefficients& c, const DdimParams& p) {
+  const T x0_raw = ddim_x0(x, out, c, p.prediction);
+  const T x0 = ddim_limit_x0(x0_raw, threshold, p);
+  const T eps = p.use_clipped_model_output ? (x - c.sqrt_alpha * x0) / c.sqrt_beta
+                                           : ddim_eps(x, out, x0_raw, c, p.prediction);
   return {x0, c.sqrt_alpha_prev * x0 + c.direction * eps + c.noise_std * noise};
 }
 
@@ -116,7 +128,8 @@ struct DdimPointers {
   const float* alphas_cumprod;
   const int64_t* timesteps;
   int64_t timestep_stride;
-  const void* noise;       // given noise, like sample
+  const void* noise;       // given noise, like sample or float32
+  bool noise_float32;      // the given noise is float32
   const int64_t* seed;     // Philox key of in-kernel noise
   const float* threshold;  // (B,) dynamic-thresholding scale
   void* prev;

@@ -69,16 +69,8 @@ struct Lanes {
   typedef IndexOf<Acc> IVec __attribute__((vector_size(VB)));
 };
 
-template <typename V, typename T>
-VQK_ALWAYS_INLINE V load_vec(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename T>
-VQK_ALWAYS_INLINE void store_vec(T* p, const V& v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
+using common::load_vec;
+using common::store_vec;
 
 // Scores of `rows` (a multiple of R) staged rows of z against the first
 // `width` codes of a tile stored transposed and scaled, et[d * ld + j] =

@@ -184,8 +184,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(VQK_DDIM_STEP_ARGS) {
                                  prediction_type, clip_sample, clip_sample_range,
                                  use_clipped_model_output, guidance_scale, guided_elems);
   const c10::cuda::CUDAGuard guard(sample.device());
-  at::Tensor prev = at::empty(write_prev ? sample.sizes() : at::IntArrayRef{0}, sample.options());
-  at::Tensor x0 = at::empty(write_x0 ? sample.sizes() : at::IntArrayRef{0}, sample.options());
+  auto [prev, x0] = ddim_outputs(sample, write_prev, write_x0);
   const auto ptr = ddim_pointers(sample, cond, uncond, timesteps, alphas_cumprod, variance_noise,
                                  noise_seed, threshold, prev, x0);
   C10_CUDA_CHECK(cuda::launch_ddim_step(ptr, to_dtype(sample.scalar_type()),

@@ -43,8 +43,10 @@ __global__ void __launch_bounds__(kThreads)
       if (uncond && j < p.guided_elems) out = common::cfg_guide(out, to_float(uncond[j]), p.guidance_scale);
       float noise = 0.0f;
       if (add_noise) {
-        noise = ptr.noise ? to_float(static_cast<const S*>(ptr.noise)[row * m + j])
-                          : common::philox_normal(seed, static_cast<uint32_t>(row * m + j));
+        const int64_t i = row * m + j;
+        if (!ptr.noise) noise = common::philox_normal(seed, static_cast<uint32_t>(i));
+        else if (ptr.noise_float32) noise = static_cast<const float*>(ptr.noise)[i];
+        else noise = to_float(static_cast<const S*>(ptr.noise)[i]);
       }
       const auto e = common::ddim_element(to_float(x[j]), out, noise, threshold, c, p);
       if (ptr.x0) static_cast<S*>(ptr.x0)[row * m + j] = from_float<S>(e.x0);

@@ -201,7 +201,11 @@ def ddim_step(
     noise, seed = None, None
     if eta > 0:
         if variance_noise is not None:
-            noise = variance_noise.to(sample.dtype).reshape(b, m).contiguous()
+            # Kernels read noise in the sample's dtype or float32: never round
+            # fp32 noise down to a bf16 sample's precision before the fp32 math.
+            keep = variance_noise.dtype in (sample.dtype, torch.float32)
+            noise = variance_noise.to(variance_noise.dtype if keep else torch.float32)
+            noise = noise.reshape(b, m).contiguous()
         else:
             seed = noise_seed.reshape(1) if noise_seed is not None else draw_noise_seed(
                 generator, sample.device)
