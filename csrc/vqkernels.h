@@ -92,6 +92,26 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(VQK_DDIM_STEP_ARGS);
 std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(VQK_DDIM_STEP_ARGS);
 #endif
 
+// Scaled dot-product attention, non-causal, no mask (see
+// vqkernels/reference/attention.py, attention_lse), FlashAttention-2 style:
+// q (B, H, Sq, d), k and v (B, H, Sk, d), any strides with unit stride along d
+// (check_attention_args in csrc/common/checks.h), Sk >= 1 when Sq > 0.
+// attention_forward: (out (B, H, Sq, d) in q's dtype, lse (B, H, Sq) with
+// lse_i = log sum_j exp(scale q_i.k_j), fp32, fp64 for fp64 input), both
+// contiguous. attention_backward: (grad_q, grad_k, grad_v), contiguous, like
+// q, k, v, from grad_out (like q) and the forward's out and lse; P is
+// recomputed from lse. CPU: float32 / float64, math in that dtype,
+// deterministic; Sq = 0 gives empty grad_q and zero grad_k, grad_v.
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale);
+#ifdef VQKERNELS_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, double scale);
+#endif
+
 // Build facts, for vqkernels.info().
 bool built_with_cuda();
 bool built_with_openmp();

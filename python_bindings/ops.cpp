@@ -30,6 +30,10 @@ TORCH_LIBRARY(vqkernels, m) {
   m.def(
       "nearest_code(Tensor z, Tensor codebook, Tensor codebook_sqnorm, str precision) -> "
       "(Tensor indices, Tensor distances)");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
@@ -39,6 +43,8 @@ TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cpu);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cpu);
   m.impl("nearest_code", &vqkernels::nearest_code_cpu);
+  m.impl("attention_forward", &vqkernels::attention_forward_cpu);
+  m.impl("attention_backward", &vqkernels::attention_backward_cpu);
 }
 
 #ifdef VQKERNELS_WITH_CUDA
@@ -49,5 +55,6 @@ TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cuda);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cuda);
   m.impl("nearest_code", &vqkernels::nearest_code_cuda);
+  m.impl("attention_forward", &vqkernels::attention_forward_cuda);
 }
 #endif

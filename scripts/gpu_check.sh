@@ -7,7 +7,7 @@
 # summary (step, exit code, seconds) is printed last. Exits 1 if any step failed.
 # Environment: PYTHON (default python), TORCH_CUDA_ARCH_LIST (default 9.0),
 # SANITIZER_K (pytest -k expression run under compute-sanitizer; default: the CUDA-backend timestep,
-# search and EMA parity tests, without the multi-GiB ones),
+# search, EMA, DDIM and attention parity tests, without the multi-GiB ones),
 # COMPUTE_SANITIZER (path of the binary; default: on PATH, else /usr/local/cuda/bin).
 set -euo pipefail
 
@@ -21,7 +21,7 @@ OUTDIR="$(cd "$OUTDIR" && pwd)"
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python}"
-SANITIZER_K="${SANITIZER_K:-(timestep or nearest_code or ema or counts or parity_given_noise or parity_guidance or in_kernel_noise) and not triton and not 64bit and not many_rows}"
+SANITIZER_K="${SANITIZER_K:-(timestep or nearest_code or ema or counts or parity_given_noise or parity_guidance or in_kernel_noise or parity_every_head_dim or parity_cross_attention or strided_packed) and not triton and not 64bit and not many_rows}"
 COMPUTE_SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 
 NAMES=()

@@ -18,18 +18,23 @@ COMPILE_ALL = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqkernels.triton import ddim, ema, search, timestep
+    from vqkernels.triton import attention, ddim, ema, search, timestep
 
     TARGET = GPUTarget("cuda", 90, 32)
     done = 0
 
-    def build(fn, pointers, scalars, constants, num_warps=4, num_stages=3):
+    def build(fn, pointers, scalars, constants, num_warps=4, num_stages=3, aligned=False):
+        """aligned: the pointers are 16-byte aligned, as the JIT specializes them at launch
+        (vectorized loads and cp.async pipelining, hence the real shared-memory footprint)."""
         global done
         signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
-        source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-        triton.compile(source, target=TARGET,
-                       options=dict(num_warps=num_warps, num_stages=num_stages))
+        attrs = ({(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in pointers}
+                 if aligned else None)
+        source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+        compiled = triton.compile(source, target=TARGET,
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
         done += 1
+        return compiled
 
     # search: every autotuning config of every family (D = 256), with and without STATS.
     for family, precision, z in (("half", "bf16", "*bf16"), ("fp32", "tf32", "*fp32"),
@@ -86,6 +91,39 @@ COMPILE_ALL = textwrap.dedent('''
                       dict(PREDICTION=prediction, GUIDED=guided, CLIP=True, THRESHOLD=threshold,
                            USE_CLIPPED=prediction == 1, NOISE=noise, WRITE_PREV=True,
                            WRITE_X0=noise != 2, BLOCK=ddim._BLOCK))
+    # Attention: forward, delta, dK/dV and dQ with the launcher's configs, bf16 and fp32, head
+    # dims 64, 72 (split 64 + 16) and 128; every one must fit the H100's 227 KiB of shared memory.
+    for dtype, ptr in ((attention.torch.bfloat16, "*bf16"), (attention.torch.float32, "*fp32")):
+        for d in (64, 72, 128):
+            d0, d1 = attention._split_head_dim(d)
+            configs = attention._configs(dtype, d)
+            heads = dict(HEAD_DIM=d, D0=d0, D1=d1, ALIGN=8 if ptr == "*bf16" else 4)
+            strides = {f"s{t}_{a}": "i32" for t in ("q", "k", "v", "do") for a in "bhs"}
+            backward = dict(strides, H="i32", Sq="i32", Sk="i32", scale="fp32", qk_scale="fp32")
+            kernels = (
+                ("forward", attention._attention_forward_kernel,
+                 dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, out_ptr=ptr, lse_ptr="*fp32"),
+                 {k: v for k, v in backward.items() if not k.startswith("sdo") and k != "scale"},
+                 heads),
+                ("delta", attention._attention_delta_kernel,
+                 dict(out_ptr=ptr, do_ptr=ptr, delta_ptr="*fp32"),
+                 dict({f"s{t}_{a}": "i32" for t in ("o", "do") for a in "bhs"}, H="i32", Sq="i32"),
+                 dict(HEAD_DIM=d, ALIGN=heads["ALIGN"])),
+                ("dkdv", attention._attention_dkdv_kernel,
+                 dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32",
+                      delta_ptr="*fp32", dk_ptr=ptr, dv_ptr=ptr), backward, heads),
+                ("dq", attention._attention_dq_kernel,
+                 dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32",
+                      delta_ptr="*fp32", dq_ptr=ptr), backward, heads),
+            )
+            for name, fn, pointers, scalars, constants in kernels:
+                config = dict(configs[name])
+                num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+                compiled = build(fn, pointers, scalars, {**constants, **config}, num_warps,
+                                 num_stages, aligned=True)
+                shared = compiled.metadata.shared
+                print(f"attention {name} {ptr[1:]} d={d}: {shared} bytes of shared memory")
+                assert shared <= 227 * 1024, (name, ptr, d, shared)
     print(f"compiled {done} kernels")
 ''')
 

@@ -12,10 +12,14 @@ from vqkernels._version import __version__
 
 
 def _op_dispatches():
+    """op -> (its dispatch, the dtype and shape facts info() asks about)."""
     from vqkernels.ops import ddim, timestep
+    from vqkernels.ops.attention import DISPATCH as attention_dispatch  # ops.attention: the op
 
-    return {"timestep_embedding": (timestep.DISPATCH, torch.float32),
-            "ddim_step": (ddim.DISPATCH, torch.float32)}
+    return {"timestep_embedding": (timestep.DISPATCH, torch.float32, {}),
+            "ddim_step": (ddim.DISPATCH, torch.float32, {}),
+            "attention (d=72)": (attention_dispatch, torch.float32,
+                                 dict(head_dim=72))}
 
 
 def _devices() -> list[torch.device]:
@@ -33,11 +37,12 @@ def info_dict() -> dict:
     except ImportError:
         triton_version = None
     ops = {}
-    for name, (dispatch, dtype) in _op_dispatches().items():
+    for name, (dispatch, dtype, shape) in _op_dispatches().items():
         for device in _devices():
             ops.setdefault(name, {})[device.type] = {
-                "auto": dispatch.select("auto", device, dtype).name,
-                "unavailable": {b: r for b, r in dispatch.explain(device, dtype).items() if r},
+                "auto": dispatch.select("auto", device, dtype, **shape).name,
+                "unavailable": {b: r for b, r in dispatch.explain(device, dtype, **shape).items()
+                                if r},
             }
     return {
         "vqkernels": __version__,

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "ddim.h"
 #include "dtype.h"
@@ -64,6 +65,51 @@ inline void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codeb
               "codebook_sqnorm must be on the codebook's device");
   TORCH_CHECK(precision == "ieee" || precision == "tf32" || precision == "bf16",
               "precision must be \"ieee\", \"tf32\" or \"bf16\", got \"", precision, "\"");
+}
+
+// What would crash the attention kernels (the rest is validated in
+// vqkernels/ops/attention.py): q (B, H, Sq, d), k and v (B, H, Sk, d) sharing
+// q's B, H, d, dtype and device, each with unit stride along d (any other
+// strides), and at least one key when there are queries.
+inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "q, k, v must be 4-D (B, H, S, d), got ", q.dim(), ", ", k.dim(), " and ", v.dim(),
+              " dims");
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have one shape, got ", k.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "q ", q.sizes(), " and k ", k.sizes(), " must share B, H and d");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "q, k, v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              " and ", v.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
+              "q, k, v must be on one device, got ", q.device(), ", ", k.device(), " and ",
+              v.device());
+  for (const at::Tensor* x : {&q, &k, &v})
+    TORCH_CHECK(x->size(3) <= 1 || x->stride(3) == 1, "q, k, v need unit stride along d");
+  TORCH_CHECK(k.size(2) >= 1 || q.size(0) * q.size(1) * q.size(2) == 0,
+              "k and v need at least one key when there are queries");
+}
+
+// check_attention_args, and grad_out and out like q (unit stride along d), lse
+// (B, H, Sq) in fp32 (fp64 for fp64 q) on q's device.
+inline void check_attention_backward_args(const at::Tensor& grad_out, const at::Tensor& q,
+                                          const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& out, const at::Tensor& lse) {
+  check_attention_args(q, k, v);
+  for (const auto& [x, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
+    TORCH_CHECK(x->sizes() == q.sizes(), name, " must have q's shape ", q.sizes(), ", got ",
+                x->sizes());
+    TORCH_CHECK(x->scalar_type() == q.scalar_type() && x->device() == q.device(), name,
+                " must have q's dtype and device");
+    TORCH_CHECK(x->size(3) <= 1 || x->stride(3) == 1, name, " needs unit stride along d");
+  }
+  const at::ScalarType lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              "lse must be (B, H, Sq) = ", q.sizes().slice(0, 3), ", got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.device() == q.device(), "lse must be ",
+              lse_dtype, " on q's device, got ", lse.scalar_type(), " on ", lse.device());
 }
 
 // What would crash the DDIM step kernels (the rest is validated in

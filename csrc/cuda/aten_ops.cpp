@@ -193,4 +193,29 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(VQK_DDIM_STEP_ARGS) {
   return {prev, x0};
 }
 
+// --- attention forward (kernel in attention.cu; the backward is Triton's) ---------------
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, double scale) {
+  VQK_CHECK_DEVICE(q, at::kCUDA);
+  check_attention_args(q, k, v);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attention on CUDA takes float16 or bfloat16, got ", q.scalar_type());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t b = q.size(0), h = q.size(1), sq = q.size(2), sk = k.size(2), d = q.size(3);
+  at::Tensor out = at::empty({b, h, sq, d}, q.options());
+  at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
+  const cudaError_t status = cuda::launch_attention_forward(
+      q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), to_dtype(q.scalar_type()), b, h,
+      sq, sk, d, q.strides().data(), k.strides().data(), v.strides().data(),
+      static_cast<float>(scale), out.mutable_data_ptr(), lse.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status != cudaErrorInvalidValue,
+              "attention on CUDA takes d in {16, 32, 40, 48, 64, 72, 80, 96, 128} and S < 2^31 - 64, "
+              "got q ", q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(status != cudaErrorNotSupported, "attention on CUDA needs sm_80 or newer");
+  C10_CUDA_CHECK(status);
+  return {out, lse};
+}
+
 }  // namespace vqkernels

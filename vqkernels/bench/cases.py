@@ -22,6 +22,7 @@ REFERENCE = "reference"
 
 # op family -> module providing cases(device: torch.device, quick: bool) -> list[Case]
 OP_MODULES = {
+    "attention": "vqkernels.bench.attention",
     "ddim": "vqkernels.bench.ddim",
     "ema": "vqkernels.bench.ema",
     "quantizer": "vqkernels.bench.quantizer",

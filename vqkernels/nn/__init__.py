@@ -1,7 +1,8 @@
 """nn.Modules built on vqkernels.ops."""
+from vqkernels.nn.attention import Attention, ReferenceAttention
 from vqkernels.nn.quantizer import ReferenceVectorQuantizer, VectorQuantizer, code_usage
 from vqkernels.nn.timestep import TimestepEmbedder
 from vqkernels.nn.vector_quantize import ReferenceVectorQuantize, VectorQuantize
 
-__all__ = ["ReferenceVectorQuantize", "ReferenceVectorQuantizer", "TimestepEmbedder",
-           "VectorQuantize", "VectorQuantizer", "code_usage"]
+__all__ = ["Attention", "ReferenceAttention", "ReferenceVectorQuantize", "ReferenceVectorQuantizer",
+           "TimestepEmbedder", "VectorQuantize", "VectorQuantizer", "code_usage"]

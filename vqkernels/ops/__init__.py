@@ -1,10 +1,11 @@
 """The public functional API: validation, backend dispatch, autograd, torch.library."""
+from vqkernels.ops.attention import attention
 from vqkernels.ops.ddim import ddim_step
 from vqkernels.ops.ema import code_counts_and_sums, ema_update_
 from vqkernels.ops.kmeans import kmeans, replace_dead_codes_
 from vqkernels.ops.search import nearest_code, nearest_code_with_stats, vector_quantize
 from vqkernels.ops.timestep import timestep_embedding
 
-__all__ = ["code_counts_and_sums", "ddim_step", "ema_update_", "kmeans", "nearest_code",
-           "nearest_code_with_stats", "replace_dead_codes_",
-           "timestep_embedding", "vector_quantize"]
+__all__ = ["attention", "code_counts_and_sums", "ddim_step", "ema_update_", "kmeans",
+           "nearest_code", "nearest_code_with_stats", "replace_dead_codes_", "timestep_embedding",
+           "vector_quantize"]

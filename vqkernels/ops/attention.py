@@ -1,0 +1,194 @@
+"""Scaled dot-product attention for diffusion transformers, the public op.
+
+Non-causal (DiT is bidirectional), no mask, q (B, H, Sq, d), k and v
+(B, H, Sk, d). Backends: Triton (forward and backward, fp16 / bf16 / fp32 on
+CUDA), CUDA (forward on tensor cores, fp16 / bf16; its backward runs the
+Triton one, which reads the same saved logsumexp), C++ CPU (forward and
+backward, fp32 / fp64) and the PyTorch reference (explicit softmax).
+
+Every kernel is FlashAttention-2 style: a blocked online softmax that never
+holds an S x S matrix, saving lse = log sum_j exp(s_ij) per query row so the
+backward recomputes the probabilities instead of storing them.
+
+``auto`` order: on CPU the C++ kernel. On CUDA Triton, then the CUDA kernel:
+neither has run on a GPU yet, and the Triton one is the one with a backward;
+the H100 benchmark decides (benchmarks/bench_attention.py). float32 on the GPU
+is computed in IEEE fp32, not tf32, so it keeps the fp32 reference's accuracy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vqkernels import _ext
+from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.reference import attention as reference
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_HEAD_DIMS = (16, 32, 40, 48, 64, 72, 80, 96, 128)
+TRITON_MAX_HEAD_DIM = 256
+
+
+# --- backends: each takes validated q, k, v (last-dim stride 1) and a float scale ----------
+
+def _run_reference(q, k, v, scale):
+    return reference.attention(q, k, v, scale)
+
+
+def _run_cpp(q, k, v, scale):
+    return torch.ops.vqkernels.attention_forward(q, k, v, scale)[0]
+
+
+def _run_triton(q, k, v, scale):
+    return torch.ops.vqkernels.attention_forward_triton(q, k, v, scale)[0]
+
+
+def _cuda_limits(*, device, dtype, head_dim):
+    if head_dim not in CUDA_HEAD_DIMS:
+        return [f"head_dim {head_dim} is not one of {list(CUDA_HEAD_DIMS)}"]
+    return []
+
+
+def _triton_limits(*, device, dtype, head_dim):
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        return [f"head_dim {head_dim} exceeds {TRITON_MAX_HEAD_DIM}"]
+    return []
+
+
+DISPATCH = OpDispatch(
+    op="attention",
+    backends={
+        "reference": Backend("reference", _run_reference),
+        "cpu": Backend("cpu", _run_cpp, dtypes=(torch.float32, torch.float64)),
+        "cuda": Backend("cuda", _run_cpp, dtypes=(torch.float16, torch.bfloat16),
+                        limits=_cuda_limits),
+        "triton": Backend("triton", _run_triton,
+                          dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                          limits=_triton_limits),
+    },
+    auto_order={"cpu": ("cpu",), "cuda": ("triton", "cuda")},
+)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """softmax(scale * q @ k^T) @ v for q (B, H, Sq, d), k and v (B, H, Sk, d).
+
+    Non-causal, no mask; ``scale`` defaults to ``d ** -0.5``; Sq may differ
+    from Sk (cross-attention), Sk >= 1. Returns (B, H, Sq, d) contiguous in
+    q's dtype. Math: float32 accumulation (float64 for float64 inputs), on
+    the GPU fp16 / bf16 tensor-core products and IEEE fp32 for float32.
+    Differentiable in q, k and v (fused FlashAttention-2 backward). Inputs
+    may be strided views (e.g. of a packed qkv projection) as long as the
+    last dimension is contiguous; others are copied once. ``backend``:
+    "auto" (default, or $VQKERNELS_BACKEND), "reference", "cpu", "cuda" or
+    "triton".
+    """
+    _validate(q, k, v, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in (q, k, v))
+    run = DISPATCH.select(backend, q.device, q.dtype, head_dim=q.shape[-1]).run
+    return run(q, k, v, scale)
+
+
+def _validate(q, k, v, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, d), got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), "
+                             f"got {x.dtype}, {x.device}")
+    b, h, _, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d:
+        raise ValueError(f"k must be (B, H, Sk, d) = ({b}, {h}, Sk, {d}) for q of shape "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)} (value dim = head dim), "
+                         f"got {tuple(v.shape)}")
+    if d < 1:
+        raise ValueError(f"the head dim d must be >= 1, got shape {tuple(q.shape)}")
+    if k.shape[2] < 1:
+        raise ValueError(f"k and v need at least one key (Sk >= 1), got shape {tuple(k.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+# --- torch.library registration: Triton ops, fake kernels, autograd -----------------------
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(q, k, v, scale):
+    b, h, sq, d = q.shape
+    return q.new_empty((b, h, sq, d)), q.new_empty((b, h, sq), dtype=_lse_dtype(q))
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, scale):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+
+
+@torch.library.custom_op("vqkernels::attention_forward_triton", mutates_args=())
+def _attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from vqkernels.triton import attention as triton_attention  # imports triton on first use
+
+    return triton_attention.attention_forward(q, k, v, scale)
+
+
+@torch.library.custom_op("vqkernels::attention_backward_triton", mutates_args=())
+def _attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from vqkernels.triton import attention as triton_attention
+
+    return triton_attention.attention_backward(grad_out, q, k, v, out, lse, scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_with(backward_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if q.shape[2] == 0:  # no queries: no gradient reaches k or v
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        op = backward_op(q)
+        return (*op(grad_out, q, k, v, out, lse, ctx.scale), None)
+
+    return backward
+
+
+def _triton_backward(q):
+    return torch.ops.vqkernels.attention_backward_triton
+
+
+def _cpp_backward(q):
+    """C++ on CPU; on CUDA the Triton backward, which reads the same saved lse."""
+    if q.device.type == "cpu":
+        return torch.ops.vqkernels.attention_backward
+    return torch.ops.vqkernels.attention_backward_triton
+
+
+torch.library.register_fake("vqkernels::attention_forward_triton", _fake_forward)
+torch.library.register_fake("vqkernels::attention_backward_triton", _fake_backward)
+torch.library.register_autograd("vqkernels::attention_forward_triton", _backward_with(_triton_backward),
+                                setup_context=_setup_context)
+if _ext._C is not None:
+    torch.library.register_fake("vqkernels::attention_forward", _fake_forward)
+    torch.library.register_fake("vqkernels::attention_backward", _fake_backward)
+    torch.library.register_autograd("vqkernels::attention_forward", _backward_with(_cpp_backward),
+                                    setup_context=_setup_context)
