@@ -21,7 +21,7 @@ OUTDIR="$(cd "$OUTDIR" && pwd)"
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python}"
-SANITIZER_K="${SANITIZER_K:-(timestep or nearest_code or ema or counts or parity_given_noise or parity_guidance or in_kernel_noise or parity_every_head_dim or parity_cross_attention or strided_packed) and not triton and not 64bit and not many_rows}"
+SANITIZER_K="${SANITIZER_K:-(timestep or nearest_code or ema or counts or parity_given_noise or parity_guidance or in_kernel_noise or parity_every_length_and_head_dim and 257 or parity_cross_attention or strided_packed) and not triton and not 64bit and not many_rows}"
 COMPUTE_SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 
 NAMES=()
