@@ -159,36 +159,31 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward_with(backward_op):
+def _backward_with(cpu_backward: str):
+    """The autograd formula of a forward op whose backward on CPU tensors is
+    torch.ops.vqkernels.<cpu_backward>; on CUDA it is always the Triton one,
+    which reads the lse that both GPU forwards save."""
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        if q.shape[2] == 0:  # no queries: no gradient reaches k or v
+        if q.shape[2] == 0:  # no queries (autograd's empty grad_out may even be expanded)
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        op = backward_op(q)
+        name = cpu_backward if q.device.type == "cpu" else "attention_backward_triton"
+        op = getattr(torch.ops.vqkernels, name)
         return (*op(grad_out, q, k, v, out, lse, ctx.scale), None)
 
     return backward
 
 
-def _triton_backward(q):
-    return torch.ops.vqkernels.attention_backward_triton
-
-
-def _cpp_backward(q):
-    """C++ on CPU; on CUDA the Triton backward, which reads the same saved lse."""
-    if q.device.type == "cpu":
-        return torch.ops.vqkernels.attention_backward
-    return torch.ops.vqkernels.attention_backward_triton
-
-
 torch.library.register_fake("vqkernels::attention_forward_triton", _fake_forward)
 torch.library.register_fake("vqkernels::attention_backward_triton", _fake_backward)
-torch.library.register_autograd("vqkernels::attention_forward_triton", _backward_with(_triton_backward),
+torch.library.register_autograd("vqkernels::attention_forward_triton",
+                                _backward_with("attention_backward_triton"),
                                 setup_context=_setup_context)
 if _ext._C is not None:
     torch.library.register_fake("vqkernels::attention_forward", _fake_forward)
     torch.library.register_fake("vqkernels::attention_backward", _fake_backward)
-    torch.library.register_autograd("vqkernels::attention_forward", _backward_with(_cpp_backward),
+    torch.library.register_autograd("vqkernels::attention_forward",
+                                    _backward_with("attention_backward"),
                                     setup_context=_setup_context)
