@@ -13,7 +13,7 @@ from vqkernels import nn as vqnn
 from vqkernels import ops
 from vqkernels.reference import attention as reference
 from conftest import kernel_backends
-from tolerances import assert_within_contract
+from vqkernels.testing import assert_within_contract
 
 OP = "attention"
 HEAD_DIMS = (32, 40, 64, 72, 80, 96, 128)

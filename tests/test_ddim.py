@@ -8,7 +8,7 @@ import torch
 from vqkernels import ops
 from vqkernels.reference import ddim as reference
 from conftest import kernel_backends
-from tolerances import assert_within_contract
+from vqkernels.testing import assert_within_contract
 
 OP = "ddim_step"
 TABLE = reference.alphas_cumprod(reference.betas_for_schedule())  # float64, T = 1000

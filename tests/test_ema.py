@@ -11,7 +11,7 @@ import vqkernels
 from vqkernels import ops
 from vqkernels.reference import ema as reference
 from conftest import kernel_backends
-from tolerances import assert_code_stats, assert_within_contract
+from vqkernels.testing import assert_code_stats, assert_within_contract
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference")] + kernel_backends()
 # (N, K, D, which codes the rows go to)

@@ -160,7 +160,9 @@ def test_zero_snr_rescale(schedule):
 def test_zero_snr_float32_matches_diffusers():
     ac = _table(torch.float32, beta_schedule="scaled_linear", beta_start=0.00085,
                 beta_end=0.012, rescale_betas_zero_snr=True)
-    assert ac[-1].item() == 0.0 and ac[500].item() == 0.24101854860782623  # diffusers
+    # diffusers on one machine; libm's rounding of the float32 sqrt chain moves it by a few
+    # ulps elsewhere. test_scheduler compares the tables with diffusers in-process, bitwise.
+    assert ac[-1].item() == 0.0 and ac[500].item() == pytest.approx(0.24101854860782623, rel=1e-6)
 
 
 def test_final_alpha_cumprod():

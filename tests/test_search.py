@@ -6,7 +6,7 @@ import vqkernels
 from vqkernels import ops
 from vqkernels.reference import search as reference
 from conftest import kernel_backends
-from tolerances import assert_code_stats, assert_nearest
+from vqkernels.testing import assert_code_stats, assert_nearest
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -9,7 +9,7 @@ import vqkernels
 from vqkernels import ops
 from vqkernels.reference import timestep as reference
 from conftest import kernel_backends
-from tolerances import assert_within_contract
+from vqkernels.testing import assert_within_contract
 
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OP = "timestep_embedding"
