@@ -92,6 +92,24 @@ def test_parity_every_length_and_head_dim(backend, device, dtype, s, d, generato
 
 
 @pytest.mark.parametrize("backend,device,dtype", backend_cases())
+@pytest.mark.parametrize("d", [16, 48])
+def test_parity_small_head_dims(backend, device, dtype, d, generator):
+    """The CUDA kernel's smallest widths: one and three k16-steps of QK^T."""
+    if is_interpreter(backend, device) and d == 48:
+        pytest.skip("the interpreter runs d = 16 only here")
+    check_parity(backend, device, *qkv(2, 2, 37, 70, d, generator, dtype), generator, what=f"d={d}")
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+def test_parity_unaligned_views(backend, device, dtype, generator):
+    """q, k, v starting one element past a 16-byte boundary: the CUDA plain-load kernel."""
+    b, h, s, d = 2, 3, 70, 72
+    q, k, v = (randn((b, h, s, d + 1), generator, dtype)[..., 1:] for _ in range(3))
+    assert q.storage_offset() == 1 and q.stride(-1) == 1
+    check_parity(backend, device, q, k, v, generator, what="unaligned")
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases())
 @pytest.mark.parametrize("sq,sk", [(5, 33), (40, 3), (1, 70)])
 def test_parity_cross_attention(backend, device, dtype, sq, sk, generator):
     check_parity(backend, device, *qkv(2, 2, sq, sk, 40, generator, dtype), generator,
@@ -203,6 +221,35 @@ def test_explicit_backend_refusals_list_reasons(generator):
     with pytest.raises(RuntimeError, match="float16"):
         ops.attention(q, k, v, backend="cpu")
     assert ops.attention(q, k, v).dtype == torch.float16  # auto: the reference on CPU
+
+
+def test_cuda_head_dims_match_the_compiled_kernels():
+    from pathlib import Path
+
+    from vqkernels.ops.attention import CUDA_HEAD_DIMS
+
+    header = (Path(__file__).parents[1] / "csrc" / "cuda" / "kernels.h").read_text()
+    macro = next(line for line in header.splitlines()
+                 if line.startswith("#define VQK_ATTENTION_HEAD_DIMS"))
+    assert CUDA_HEAD_DIMS == tuple(int(x) for x in macro.split("X(")[1:] for x in [x.rstrip(") ")])
+
+
+def test_cuda_backend_limits(monkeypatch):
+    """The CUDA forward needs sm_80, and for gradients the Triton backward."""
+    import importlib
+
+    op = importlib.import_module("vqkernels.ops.attention")  # ops.attention is the function
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(op, "triton_reasons", lambda device: ["triton is not importable (test)"])
+    reasons = op._cuda_limits(device=cuda, dtype=torch.bfloat16, head_dim=72, requires_grad=True)
+    assert any("sm_80" in r for r in reasons), reasons
+    assert any("backward is the Triton kernel" in r for r in reasons), reasons
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert op._cuda_limits(device=cuda, dtype=torch.bfloat16, head_dim=72) == []
+    assert "triton" in " ".join(op._cuda_limits(device=cuda, dtype=torch.bfloat16, head_dim=72,
+                                                requires_grad=True))
 
 
 def test_opcheck(generator):

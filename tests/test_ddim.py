@@ -134,6 +134,16 @@ def test_parity_guidance(backend, device, guidance, out_channels, out_dtype, gen
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
+def test_parity_uncond_with_its_own_row_stride(backend, device, generator):
+    # uncond is a channel slice of a wider tensor: its rows are farther apart than cond's.
+    shape = (3, 4, 5, 9)
+    sample, cond = randn(shape, generator), randn(shape, generator)
+    uncond = randn((3, 7, 5, 9), generator)[:, 2:6]
+    check_step(backend, device, sample, cond, timesteps_for(3, generator), uncond_output=uncond,
+               guidance_scale=4.0, what="strided uncond")
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("shape", [(1, 1), (2, 1031), (3, 5), (4, 1, 1, 1), (2, 2, 33, 31)])
 def test_parity_odd_shapes(backend, device, shape, generator):
     sample, out = randn(shape, generator), randn(shape, generator)
@@ -295,15 +305,39 @@ def test_validation_names_the_argument():
         ops.ddim_step(x, 500, x.long(), TABLE, **kw)
 
 
-def test_out_of_range_device_timestep_gives_nan():
-    # Device timesteps are not checked (that would sync); the kernel writes NaN.
-    x = torch.randn(2, 8)
-    t = torch.tensor([1000, 500])
-    prev, x0 = torch.ops.vqkernels.ddim_step(
-        x, x, None, t, TABLE.float(), None, None, None, 50, 1.0, 0.0, "epsilon", False, 1.0,
-        False, 1.0, 0, True, True)
-    assert prev[0].isnan().all() and x0[0].isnan().all()
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_out_of_range_device_timestep_gives_nan(backend, device, generator):
+    # Device timesteps are not checked (that would sync); the kernels write NaN and read
+    # nothing outside the table, even for t far past it (t - step ratio is out of range too).
+    # The ops layer checks CPU timesteps, so this calls the kernels' own ops.
+    kernel = getattr(torch.ops.vqkernels, "ddim_step_triton" if backend == "triton" else "ddim_step")
+    x = randn((5, 8), generator).to(device)
+    t = torch.tensor([1000, 500, 2**40, -1, -2**40], device=device)
+    prev, x0 = kernel(x, x, None, t, TABLE.float().to(device), None, None, None, 50, 1.0, 0.0,
+                      "epsilon", True, 1.0, False, 1.0, 0, True, True)
+    for bad in (0, 2, 3, 4):
+        assert prev[bad].isnan().all() and x0[bad].isnan().all(), f"t = {t[bad].item()}"
     assert prev[1].isfinite().all()
+
+
+def test_triton_ddim_grid_takes_any_batch(monkeypatch):
+    # CUDA caps grid axes 1 and 2 at 65535 (the interpreter does not): the launch must not
+    # put the batch there.
+    pytest.importorskip("triton")
+    from vqkernels.triton import ddim as triton_ddim
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(triton_ddim, "_ddim_step_kernel", Recorder())
+    x, t = torch.zeros(70_000, 3), torch.full((70_000,), 500)
+    triton_ddim.ddim_step(x, x, x, t, TABLE.float(), None, None, None, 50, 1.0, 0.0, "epsilon",
+                          False, 1.0, False, 2.0, 3, True, False)
+    assert grids and all(axis <= 65535 for grid in grids for axis in grid[1:]), grids
 
 
 def test_grad_inputs_go_to_the_reference(generator):

@@ -13,7 +13,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-COMPILE_ALL = textwrap.dedent('''
+COMPILE_ALL = textwrap.dedent(r'''
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -44,13 +46,15 @@ COMPILE_ALL = textwrap.dedent('''
                 if not stats and config is not search._CONFIGS[family][0] and d == 256:
                     continue  # without STATS the kernel is a subset: one config suffices
                 blocks = config.kwargs
-                build(search._nearest_code_kernel,
-                      dict(z_ptr=z, e_ptr=z, sqnorm_ptr="*fp32", idx_ptr="*i64",
-                           dist_ptr="*fp32", counts_ptr="*i32", sums_ptr="*fp32"),
-                      dict(N="i32", K="i32"),
-                      dict(D=d, PRECISION=precision, STATS=stats,
-                           BLOCK_D=search._block_d(d, blocks["BLOCK_D_MAX"]), **blocks),
-                      config.num_warps, config.num_stages)
+                compiled = build(search._nearest_code_kernel,
+                                 dict(z_ptr=z, e_ptr=z, sqnorm_ptr="*fp32", idx_ptr="*i64",
+                                      dist_ptr="*fp32", counts_ptr="*i32", sums_ptr="*fp32"),
+                                 dict(N="i32", K="i32"),
+                                 dict(D=d, PRECISION=precision, STATS=stats,
+                                      BLOCK_D=search._block_d(d, blocks["BLOCK_D_MAX"]),
+                                      **blocks),
+                                 config.num_warps, config.num_stages, aligned=True)
+                assert compiled.metadata.shared <= 227 * 1024, (family, config, d, stats)
 
     blocks = ema._blocks(256)
     for z in ("*fp32", "*bf16"):
@@ -78,19 +82,25 @@ COMPILE_ALL = textwrap.dedent('''
           dict(FLIP_SIN_TO_COS=True, BLOCK_N=32, BLOCK_F=128))
 
     # DDIM step: every prediction type and noise mode, bf16 and fp32, full and x0-only passes.
+    # The clamps must keep NaN (min.NaN / max.NaN): plain min.f32 / max.f32 return the other operand.
     for dtype in ("*fp32", "*bf16"):
         for prediction in (0, 1, 2):
             for noise, threshold, guided in ((0, False, False), (1, True, True), (2, False, True)):
-                build(ddim._ddim_step_kernel,
-                      dict(x_ptr=dtype, cond_ptr=dtype, uncond_ptr=dtype, t_ptr="*i64",
-                           table_ptr="*fp32", noise_ptr=dtype, seed_ptr="*i64",
-                           threshold_ptr="*fp32", prev_ptr=dtype, x0_ptr=dtype),
-                      dict(out_stride="i32", t_stride="i32", num_train="i32", step_ratio="i32",
-                           final_alpha="fp32", eta="fp32", clip_range="fp32",
-                           guidance_scale="fp32", guided_elems="i32", m="i32"),
-                      dict(PREDICTION=prediction, GUIDED=guided, CLIP=True, THRESHOLD=threshold,
-                           USE_CLIPPED=prediction == 1, NOISE=noise, WRITE_PREV=True,
-                           WRITE_X0=noise != 2, BLOCK=ddim._BLOCK))
+                compiled = build(
+                    ddim._ddim_step_kernel,
+                    dict(x_ptr=dtype, cond_ptr=dtype, uncond_ptr=dtype, t_ptr="*i64",
+                         table_ptr="*fp32", noise_ptr=dtype, seed_ptr="*i64",
+                         threshold_ptr="*fp32", prev_ptr=dtype, x0_ptr=dtype),
+                    dict(cond_stride="i32", uncond_stride="i32", t_stride="i32",
+                         num_train="i32", step_ratio="i32", final_alpha="fp32", eta="fp32",
+                         clip_range="fp32", guidance_scale="fp32", guided_elems="i32", m="i32",
+                         blocks_per_row="i32"),
+                    dict(PREDICTION=prediction, GUIDED=guided, CLIP=True, THRESHOLD=threshold,
+                         USE_CLIPPED=prediction == 1, NOISE=noise, WRITE_PREV=True,
+                         WRITE_X0=noise != 2, BLOCK=ddim._BLOCK))
+                ptx = compiled.asm["ptx"]
+                assert "min.NaN.f32" in ptx and "max.NaN.f32" in ptx, "DDIM clamp drops NaN"
+                assert not re.search(r"\b(min|max)\.f32\b", ptx), "a DDIM min/max drops NaN"
     # Attention: forward, delta, dK/dV and dQ with the launcher's configs, bf16 and fp32, head
     # dims 64, 72 (split 64 + 16) and 128; every one must fit the H100's 227 KiB of shared memory.
     for dtype, ptr in ((attention.torch.bfloat16, "*bf16"), (attention.torch.float32, "*fp32")):

@@ -139,8 +139,7 @@ inline common::DdimParams check_ddim_args(
   check_output(cond, "cond");
   if (uncond) {
     check_output(*uncond, "uncond");
-    TORCH_CHECK(uncond->scalar_type() == cond.scalar_type() && uncond->stride(0) == cond.stride(0),
-                "uncond must have cond's dtype and row stride");
+    TORCH_CHECK(uncond->scalar_type() == cond.scalar_type(), "uncond must have cond's dtype");
   }
   same_device(timesteps, "timesteps");
   TORCH_CHECK(timesteps.dim() == 1 && timesteps.size(0) == b && timesteps.scalar_type() == at::kLong,
@@ -200,6 +199,7 @@ inline common::DdimPointers ddim_pointers(
     const std::optional<at::Tensor>& threshold, at::Tensor& prev, at::Tensor& x0) {
   const auto maybe = [](const std::optional<at::Tensor>& x) { return x ? x->const_data_ptr() : nullptr; };
   return {sample.const_data_ptr(), cond.const_data_ptr(), maybe(uncond), cond.stride(0),
+          uncond ? uncond->stride(0) : 0,
           alphas_cumprod.const_data_ptr<float>(), timesteps.const_data_ptr<int64_t>(),
           timesteps.stride(0), maybe(variance_noise),
           variance_noise && variance_noise->scalar_type() == at::kFloat,

@@ -117,14 +117,15 @@ VQK_HOST_DEVICE DdimElement<T> ddim_element(T x, T out, T noise, float threshold
 }
 
 // The tensors of one step, as raw pointers: sample (B, M) contiguous, the
-// model output's cond / uncond rows out_stride elements apart, timesteps
+// model output's cond and uncond rows, each with its own row stride, timesteps
 // (B,) with a stride, the float32 table; nullptr for what is absent (uncond,
 // noise, seed, threshold) or not written (prev, x0).
 struct DdimPointers {
   const void* sample;
   const void* cond;
   const void* uncond;
-  int64_t out_stride;
+  int64_t cond_stride;
+  int64_t uncond_stride;
   const float* alphas_cumprod;
   const int64_t* timesteps;
   int64_t timestep_stride;

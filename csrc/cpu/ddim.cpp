@@ -149,9 +149,9 @@ void step_tile(const common::DdimPointers& ptr, const common::DdimParams& p, Ste
   const auto c = common::ddim_coefficients(ptr.alphas_cumprod, ptr.timesteps[b * ptr.timestep_stride], p);
   const float threshold = ptr.threshold ? ptr.threshold[b] : 0.0f;
   const int64_t n = end - begin, first = b * m + begin;
-  const O* cond = static_cast<const O*>(ptr.cond) + b * ptr.out_stride + begin;
+  const O* cond = static_cast<const O*>(ptr.cond) + b * ptr.cond_stride + begin;
   const int64_t guided = ptr.uncond ? std::clamp(p.guided_elems - begin, int64_t{0}, n) : 0;
-  const float* uncond = guided ? as_floats(static_cast<const O*>(ptr.uncond) + b * ptr.out_stride + begin,
+  const float* uncond = guided ? as_floats(static_cast<const O*>(ptr.uncond) + b * ptr.uncond_stride + begin,
                                            guided, buf.uncond)
                                : nullptr;
   float* x0 = float_output<S>(ptr.x0 ? static_cast<S*>(ptr.x0) + first : nullptr, buf.x0);

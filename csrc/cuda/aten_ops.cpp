@@ -1,5 +1,6 @@
 // ATen-facing launchers of the CUDA kernels: tensors in, raw pointers out.
 // Compiled by the host compiler; the kernels themselves live in the .cu files.
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -203,6 +204,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
               "attention on CUDA takes float16 or bfloat16, got ", q.scalar_type());
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t b = q.size(0), h = q.size(1), sq = q.size(2), sk = k.size(2), d = q.size(3);
+  TORCH_CHECK(cuda::attention_head_dim_compiled(d), "attention on CUDA has no kernel for head dim ",
+              d, " (q ", q.sizes(), ")");
+  TORCH_CHECK(sq <= cuda::kMaxAttentionLength && sk <= cuda::kMaxAttentionLength,
+              "attention on CUDA takes sequences of at most ", cuda::kMaxAttentionLength,
+              " tokens, got q ", q.sizes(), ", k ", k.sizes());
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(props->major >= 8, "attention on CUDA needs sm_80 or newer, got sm_", props->major,
+              props->minor);
   at::Tensor out = at::empty({b, h, sq, d}, q.options());
   at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
   const cudaError_t status = cuda::launch_attention_forward(
@@ -210,11 +219,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
       sq, sk, d, q.strides().data(), k.strides().data(), v.strides().data(),
       static_cast<float>(scale), out.mutable_data_ptr(), lse.mutable_data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status != cudaErrorInvalidValue,
-              "attention on CUDA takes d in {16, 32, 40, 48, 64, 72, 80, 96, 128} and S < 2^31 - 64, "
-              "got q ", q.sizes(), ", k ", k.sizes());
-  TORCH_CHECK(status != cudaErrorNotSupported, "attention on CUDA needs sm_80 or newer");
-  C10_CUDA_CHECK(status);
+  C10_CUDA_CHECK(status);  // every input the launcher refuses was checked above
   return {out, lse};
 }
 

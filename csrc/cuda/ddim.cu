@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kThreads)
     const bool add_noise = ptr.prev && p.eta > 0.0f && (ptr.noise || ptr.seed);
     const uint64_t seed = ptr.seed ? static_cast<uint64_t>(*ptr.seed) : 0;
     const S* x = static_cast<const S*>(ptr.sample) + row * m;
-    const O* cond = static_cast<const O*>(ptr.cond) + row * ptr.out_stride;
-    const O* uncond = ptr.uncond ? static_cast<const O*>(ptr.uncond) + row * ptr.out_stride : nullptr;
+    const O* cond = static_cast<const O*>(ptr.cond) + row * ptr.cond_stride;
+    const O* uncond = ptr.uncond ? static_cast<const O*>(ptr.uncond) + row * ptr.uncond_stride : nullptr;
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
       const int64_t j = start + k * kThreads + threadIdx.x;

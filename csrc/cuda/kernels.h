@@ -55,17 +55,31 @@ cudaError_t launch_ddim_step(const common::DdimPointers& ptr, DType sample_dtype
                              int64_t b, int64_t m, const common::DdimParams& params,
                              cudaStream_t stream);
 
+// Head dims with a compiled attention kernel (each a multiple of 8, <= 128);
+// vqkernels/ops/attention.py's CUDA_HEAD_DIMS must list the same.
+#define VQK_ATTENTION_HEAD_DIMS(X) X(16) X(32) X(40) X(48) X(64) X(72) X(80) X(96) X(128)
+
+inline bool attention_head_dim_compiled(int64_t d) {
+#define VQK_IS_DIM(DIM) || d == DIM
+  return false VQK_ATTENTION_HEAD_DIMS(VQK_IS_DIM);
+#undef VQK_IS_DIM
+}
+
+// Longest sq / sk the attention kernel indexes with 32-bit ints.
+inline constexpr int64_t kMaxAttentionLength = INT32_MAX - 128;
+
 // Forward non-causal attention (csrc/cuda/attention.cu): for each (b, h),
 // out = softmax(scale q k^T) v and lse = log(sum_j exp(scale q k_j)) (natural
 // log). q (batch, heads, sq, d), k and v (batch, heads, sk, d) of dtype Float16
 // or BFloat16, strided: *_strides are host arrays of 4 element strides (B, H, S,
 // d) and the d stride must be 1. Writes out (batch, heads, sq, d) contiguous of
-// dtype and lse (batch, heads, sq) contiguous fp32. Needs sk >= 1 and d in
-// {16, 32, 40, 48, 64, 72, 80, 96, 128}; sq == 0 (or an empty batch) is a no-op.
+// dtype and lse (batch, heads, sq) contiguous fp32. Needs sk >= 1 and a d of
+// VQK_ATTENTION_HEAD_DIMS; sq == 0 (or an empty batch) is a no-op, whatever sk.
 // Pointers and strides that are multiples of 16 bytes take cp.async; any other
 // (2-byte aligned) layout works through a slower plain-load path. Returns
 // cudaErrorInvalidValue for another dtype or d, a d stride != 1, sk < 1 or
-// sq / sk >= 2^31 - 64; cudaErrorNotSupported before sm_80.
+// sq / sk > kMaxAttentionLength; cudaErrorNotSupported before sm_80. Callers
+// check each of these first, so that the user is told the real cause.
 cudaError_t launch_attention_forward(const void* q, const void* k, const void* v, DType dtype,
                                      int64_t batch, int64_t heads, int64_t sq, int64_t sk,
                                      int64_t d, const int64_t* q_strides, const int64_t* k_strides,

@@ -2,8 +2,9 @@
 
 Non-causal (DiT is bidirectional), no mask, q (B, H, Sq, d), k and v
 (B, H, Sk, d). Backends: Triton (forward and backward, fp16 / bf16 / fp32 on
-CUDA), CUDA (forward on tensor cores, fp16 / bf16; its backward runs the
-Triton one, which reads the same saved logsumexp), C++ CPU (forward and
+CUDA), CUDA (forward on tensor cores, fp16 / bf16, sm_80+; its backward runs
+the Triton one, which reads the same saved logsumexp, so without Triton the
+CUDA backend refuses inputs that require grad), C++ CPU (forward and
 backward, fp32 / fp64) and the PyTorch reference (explicit softmax).
 
 Every kernel is FlashAttention-2 style: a blocked online softmax that never
@@ -22,11 +23,11 @@ import math
 import torch
 
 from vqkernels import _ext
-from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels._dispatch import Backend, OpDispatch, triton_reasons
 from vqkernels.reference import attention as reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CUDA_HEAD_DIMS = (16, 32, 40, 48, 64, 72, 80, 96, 128)
+CUDA_HEAD_DIMS = (16, 32, 40, 48, 64, 72, 80, 96, 128)  # = VQK_ATTENTION_HEAD_DIMS, kernels.h
 TRITON_MAX_HEAD_DIM = 256
 
 
@@ -44,13 +45,19 @@ def _run_triton(q, k, v, scale):
     return torch.ops.vqkernels.attention_forward_triton(q, k, v, scale)[0]
 
 
-def _cuda_limits(*, device, dtype, head_dim):
+def _cuda_limits(*, device, dtype, head_dim, requires_grad=False):
+    reasons = []
     if head_dim not in CUDA_HEAD_DIMS:
-        return [f"head_dim {head_dim} is not one of {list(CUDA_HEAD_DIMS)}"]
-    return []
+        reasons.append(f"head_dim {head_dim} is not one of {list(CUDA_HEAD_DIMS)}")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        reasons.append("the CUDA kernel needs sm_80 or newer (mma.sync on bf16)")
+    if requires_grad:
+        reasons += [f"its backward is the Triton kernel, and {reason}"
+                    for reason in triton_reasons(device)]
+    return reasons
 
 
-def _triton_limits(*, device, dtype, head_dim):
+def _triton_limits(*, device, dtype, head_dim, requires_grad=False):
     if head_dim > TRITON_MAX_HEAD_DIM:
         return [f"head_dim {head_dim} exceeds {TRITON_MAX_HEAD_DIM}"]
     return []
@@ -88,7 +95,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     _validate(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in (q, k, v))
-    run = DISPATCH.select(backend, q.device, q.dtype, head_dim=q.shape[-1]).run
+    requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    run = DISPATCH.select(backend, q.device, q.dtype, head_dim=q.shape[-1],
+                          requires_grad=requires_grad).run
     return run(q, k, v, scale)
 
 

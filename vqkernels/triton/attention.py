@@ -22,14 +22,13 @@ is 1.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from vqkernels.triton import _math
+from vqkernels.triton import _device, _math
 from vqkernels.triton._math import _INTERPRETED
 
 _LOG2E = math.log2(math.e)
@@ -491,10 +490,6 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, H, Sq, d) contiguous in q's dtype, lse (B, H, Sq) float32 contiguous.
 
@@ -510,7 +505,7 @@ def attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor
     d0, d1 = _split_head_dim(d)
     cfg = _configs(q.dtype, d)["forward"]
     grid = (b * h * triton.cdiv(sq, cfg["BLOCK_M"]),)
-    with _device(q):
+    with _device.on_device(q):
         _attention_forward_kernel[grid](
             q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), h, sq, sk,
             scale * _LOG2E, HEAD_DIM=d, D0=d0, D1=d1, ALIGN=_alignment(q, k, v, out), **cfg)
@@ -540,7 +535,7 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float
     align = _alignment(*inputs, out, grad_q)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     constants = dict(HEAD_DIM=d, D0=d0, D1=d1, ALIGN=align)
-    with _device(q):
+    with _device.on_device(q):
         cfg = cfgs["delta"]
         _attention_delta_kernel[(b * h * triton.cdiv(sq, cfg["BLOCK_M"]),)](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), h, sq, HEAD_DIM=d,

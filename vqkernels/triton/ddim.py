@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqkernels.triton import _math
+from vqkernels.triton import _device, _math
 
 _PREDICTIONS = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _BLOCK = 1024
@@ -24,15 +24,23 @@ def _philox_normal(seed, offsets):
 
 
 @triton.jit
+def _clamp(x, low, high):
+    """clamp that keeps NaN, as torch.clamp does (min.f32 / max.f32 alone would drop it)."""
+    nan: tl.constexpr = tl.PropagateNan.ALL
+    return tl.minimum(tl.maximum(x, low, propagate_nan=nan), high, propagate_nan=nan)
+
+
+@triton.jit
 def _ddim_step_kernel(
-    x_ptr, cond_ptr, uncond_ptr, out_stride, t_ptr, t_stride, table_ptr, num_train, step_ratio,
+    x_ptr, cond_ptr, uncond_ptr, cond_stride, uncond_stride, t_ptr, t_stride, table_ptr,
+    num_train, step_ratio,
     final_alpha, eta, clip_range, guidance_scale, guided_elems, noise_ptr, seed_ptr,
-    threshold_ptr, prev_ptr, x0_ptr, m,
+    threshold_ptr, prev_ptr, x0_ptr, m, blocks_per_row,
     PREDICTION: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr,
     THRESHOLD: tl.constexpr, USE_CLIPPED: tl.constexpr, NOISE: tl.constexpr,
     WRITE_PREV: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """BLOCK elements j of sample b (program (j-block, b)):
+    """BLOCK elements j of sample b (program b * blocks_per_row + j-block):
 
         out  = j < guided_elems ? uncond + s * (cond - uncond) : cond
         x0   = (x - sqrt(1-a_t) out) / sqrt(a_t) | out | sqrt(a_t) x - sqrt(1-a_t) out
@@ -43,30 +51,34 @@ def _ddim_step_kernel(
     a_t = table[t_b], a_prev = table[t_b - step_ratio] (final_alpha before 0),
     std = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)). NOISE: 0 none,
     1 given, 2 Philox at counter b * M + j. Bandwidth-bound: per element one
-    read of x, cond (and uncond, noise), one write of prev (and x0).
+    read of x, cond (and uncond, noise), one write of prev (and x0). One grid
+    axis: axis 1 would cap the batch at 65535 on CUDA. Rows of x, cond and
+    uncond have unit inner stride (the ops layer copies when they do not).
     """
-    b = tl.program_id(1)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    b = pid // blocks_per_row
+    j = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
     mask = j < m
     t = tl.load(t_ptr + b * t_stride)
     valid = (t >= 0) & (t < num_train)
-    a_t = tl.load(table_ptr + tl.where(valid, t, 0))
     prev_t = t - step_ratio
-    a_prev = tl.where(prev_t >= 0, tl.load(table_ptr + tl.maximum(prev_t, 0)), final_alpha)
-    a_t = tl.where(valid, a_t, float("nan"))  # a bad device-side timestep: NaN output
+    # Both table reads stay in bounds for any device-side t; a bad t gives NaN output.
+    a_t = tl.where(valid, tl.load(table_ptr + tl.where(valid, t, 0)), float("nan"))
+    has_prev = valid & (prev_t >= 0)
+    a_prev = tl.where(has_prev, tl.load(table_ptr + tl.where(has_prev, prev_t, 0)), final_alpha)
     b_t = 1.0 - a_t
     sqrt_a, sqrt_b = tl.sqrt_rn(a_t), tl.sqrt_rn(b_t)
     std = eta * tl.sqrt_rn((1.0 - a_prev) / b_t * (1.0 - a_t / a_prev))
-    direction = tl.sqrt_rn(tl.maximum(1.0 - a_prev - std * std, 0.0))
+    direction = tl.sqrt_rn(_clamp(1.0 - a_prev - std * std, 0.0, float("inf")))
     sqrt_a_prev = tl.sqrt_rn(a_prev)
 
     row = b.to(tl.int64) * m
     x = tl.load(x_ptr + row + j, mask=mask, other=0.0).to(tl.float32)
-    out_row = b.to(tl.int64) * out_stride
-    out = tl.load(cond_ptr + out_row + j, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(cond_ptr + b.to(tl.int64) * cond_stride + j, mask=mask,
+                  other=0.0).to(tl.float32)
     if GUIDED:
-        uncond = tl.load(uncond_ptr + out_row + j, mask=mask & (j < guided_elems),
-                         other=0.0).to(tl.float32)
+        uncond = tl.load(uncond_ptr + b.to(tl.int64) * uncond_stride + j,
+                         mask=mask & (j < guided_elems), other=0.0).to(tl.float32)
         out = tl.where(j < guided_elems, uncond + guidance_scale * (out - uncond), out)
 
     if PREDICTION == 0:
@@ -81,9 +93,9 @@ def _ddim_step_kernel(
     x0 = x0_raw
     if THRESHOLD:
         s = tl.load(threshold_ptr + b)
-        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        x0 = _clamp(x0, -s, s) / s
     elif CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        x0 = _clamp(x0, -clip_range, clip_range)
     if WRITE_X0:
         tl.store(x0_ptr + row + j, x0.to(x0_ptr.dtype.element_ty), mask=mask)
     if WRITE_PREV:
@@ -109,18 +121,19 @@ def ddim_step(sample, cond, uncond, timesteps, alphas_cumprod, variance_noise, n
     if sample.numel() == 0 or not (write_prev or write_x0):
         return prev, x0
     noise_mode = 0 if eta <= 0 else (1 if variance_noise is not None else (2 if noise_seed is not None else 0))
-    grid = (triton.cdiv(m, _BLOCK), b)
-    _ddim_step_kernel[grid](
-        sample, cond, uncond if uncond is not None else cond, cond.stride(0), timesteps,
-        timesteps.stride(0), alphas_cumprod, alphas_cumprod.shape[0], step_ratio,
-        final_alpha_cumprod, eta, clip_sample_range, guidance_scale, guided_elems,
-        variance_noise if variance_noise is not None else sample,
-        noise_seed if noise_seed is not None else timesteps,
-        threshold if threshold is not None else alphas_cumprod, prev if write_prev else sample,
-        x0 if write_x0 else sample, m,
-        PREDICTION=_PREDICTIONS[prediction_type], GUIDED=uncond is not None,
-        CLIP=clip_sample, THRESHOLD=threshold is not None,
-        USE_CLIPPED=use_clipped_model_output, NOISE=noise_mode, WRITE_PREV=write_prev,
-        WRITE_X0=write_x0, BLOCK=_BLOCK,
-    )
+    guided, uncond = uncond is not None, uncond if uncond is not None else cond
+    blocks_per_row = triton.cdiv(m, _BLOCK)
+    with _device.on_device(sample):
+        _ddim_step_kernel[(b * blocks_per_row,)](
+            sample, cond, uncond, cond.stride(0), uncond.stride(0), timesteps,
+            timesteps.stride(0), alphas_cumprod, alphas_cumprod.shape[0], step_ratio,
+            final_alpha_cumprod, eta, clip_sample_range, guidance_scale, guided_elems,
+            variance_noise if variance_noise is not None else sample,
+            noise_seed if noise_seed is not None else timesteps,
+            threshold if threshold is not None else alphas_cumprod,
+            prev if write_prev else sample, x0 if write_x0 else sample, m, blocks_per_row,
+            PREDICTION=_PREDICTIONS[prediction_type], GUIDED=guided,
+            CLIP=clip_sample, THRESHOLD=threshold is not None,
+            USE_CLIPPED=use_clipped_model_output, NOISE=noise_mode, WRITE_PREV=write_prev,
+            WRITE_X0=write_x0, BLOCK=_BLOCK)
     return prev, x0

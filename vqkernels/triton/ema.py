@@ -15,12 +15,11 @@ Out-of-range indices are skipped by every kernel (no host sync).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from vqkernels.triton import _device
 from vqkernels.triton._math import _INTERPRETED
 
 # The interpreter runs one program at a time in numpy: small blocks, so tiny
@@ -154,10 +153,6 @@ def _ema_codebook_kernel(embed_ptr, sums_ptr, cluster_ptr, codebook_ptr, total_p
     tl.store(codebook_ptr + offs, new.to(codebook_ptr.dtype.element_ty), mask=mask)
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _counts_and_sums(z: torch.Tensor, indices: torch.Tensor, num_codes: int,
                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 counts (K,) and fp32 sums (K, D) of validated, contiguous z and indices."""
@@ -187,7 +182,7 @@ def _counts_and_sums(z: torch.Tensor, indices: torch.Tensor, num_codes: int,
 def code_counts_and_sums(z: torch.Tensor, indices: torch.Tensor, num_codes: int,
                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the statistics on validated inputs: fp32 counts (K,) and fp32 sums (K, D)."""
-    with _device_ctx(z):
+    with _device.on_device(z):
         counts, sums = _counts_and_sums(z, indices, num_codes, deterministic)
     return counts.to(torch.float32), sums
 
@@ -200,7 +195,7 @@ def ema_update_from_stats(cluster_size: torch.Tensor, embed_sum: torch.Tensor,
     b = _blocks(d)
     debias = 1.0 - decay**step if bias_correction else 1.0
     total = torch.empty(1, dtype=torch.float32, device=cluster_size.device)
-    with _device_ctx(cluster_size):
+    with _device.on_device(cluster_size):
         _ema_cluster_kernel[(1,)](cluster_size, counts, total, k, decay, 1.0 - decay, debias,
                                   BLOCK_K=b["BLOCK_K"])
         grid = (triton.cdiv(k, b["BLOCK_N"]), triton.cdiv(d, b["BLOCK_D"]))
@@ -213,7 +208,7 @@ def ema_update(cluster_size: torch.Tensor, embed_sum: torch.Tensor, codebook: to
                z: torch.Tensor, indices: torch.Tensor, decay: float, eps: float,
                bias_correction: bool, step: int, deterministic: bool) -> None:
     """Statistics of (z, indices) then the finalize, in place, on validated inputs."""
-    with _device_ctx(z):
+    with _device.on_device(z):
         counts, sums = _counts_and_sums(z, indices, cluster_size.shape[0], deterministic)
     ema_update_from_stats(cluster_size, embed_sum, codebook, counts, sums, decay, eps,
                           bias_correction, step)

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vqkernels.triton import _device
 from vqkernels.triton._math import _INTERPRETED
 
 PRECISIONS = ("ieee", "tf32", "bf16")
@@ -277,11 +278,12 @@ def _launch(z, codebook, codebook_sqnorm, precision, indices, distances, stats):
     counts, sums = stats if stats is not None else (indices, indices)  # unused without STATS
     args = (z, codebook, codebook_sqnorm, indices, distances, counts, sums, n, codebook.shape[0])
     constants = dict(D=d, PRECISION=precision, STATS=stats is not None)
-    if _INTERPRETED:
-        cfg = _INTERPRETER_CONFIG
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-        _nearest_code_kernel[grid](*args, **constants, BLOCK_D=_block_d(d, cfg["BLOCK_D_MAX"]), **cfg)
-        return
-    tuned = (_TUNED if stats is None else _TUNED_STATS)[_config_family(z.dtype, precision)]
-    with torch.cuda.device(z.device):
+    with _device.on_device(z):
+        if _INTERPRETED:
+            cfg = _INTERPRETER_CONFIG
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+            _nearest_code_kernel[grid](*args, **constants, BLOCK_D=_block_d(d, cfg["BLOCK_D_MAX"]),
+                                       **cfg)
+            return
+        tuned = (_TUNED if stats is None else _TUNED_STATS)[_config_family(z.dtype, precision)]
         tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constants)

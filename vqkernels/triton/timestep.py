@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqkernels.triton import _math
+from vqkernels.triton import _device, _math
 
 
 @triton.jit
@@ -56,8 +56,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float, flip_sin_to
     block_f = min(triton.next_power_of_2(max(half, 1)), 128)
     block_n = max(1, 2048 // block_f)
     grid = (triton.cdiv(n, block_n), max(1, triton.cdiv(half, block_f)))
-    _timestep_embedding_kernel[grid](
-        t, out, n, dim, half, -math.log(max_period), float(half - downscale_freq_shift) or 1.0,
-        float(scale), FLIP_SIN_TO_COS=flip_sin_to_cos, BLOCK_N=block_n, BLOCK_F=block_f,
-    )
+    with _device.on_device(t):
+        _timestep_embedding_kernel[grid](
+            t, out, n, dim, half, -math.log(max_period),
+            float(half - downscale_freq_shift) or 1.0, float(scale),
+            FLIP_SIN_TO_COS=flip_sin_to_cos, BLOCK_N=block_n, BLOCK_F=block_f)
     return out
