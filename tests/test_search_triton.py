@@ -198,25 +198,35 @@ def test_edge_shapes(device, dtype, generator):
         check_distances(distances, z, codebook, indices, f"{device} {dtype} {precision} K=1")
 
 
-@pytest.mark.interpreter
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.interpreter),
+                                    pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("family,precision", [("half", "ieee"), ("fp32", "tf32"), ("fp32", "bf16"),
                                               ("fp32_ieee", "ieee")])
-def test_every_tuning_config(family, precision, generator):
+def test_every_tuning_config(device, family, precision, generator):
     """Each autotuning candidate's tiles (and the BLOCK_D heuristic) give the right codes and
-    (STATS) the right per-code counts and sums."""
-    for d in (5, 40):  # one D chunk, and several for the small BLOCK_D_MAX
-        z, codebook, planted = separated(300, 77, d, torch.float32, generator)
+    (STATS) the right per-code counts and sums: on a GPU every config runs, not only the one
+    autotuning picks."""
+    dtype = torch.bfloat16 if family == "half" and device == "cuda" else torch.float32
+    for d in (5, 40, 256):  # one D chunk, several for the small BLOCK_D_MAX, the DESIGN D
+        if d == 256 and device == "cpu":
+            continue  # too slow in the interpreter
+        z, codebook, planted = separated(300, 77, d, dtype, generator)
+        z, codebook, planted = z.to(device), codebook.to(device), planted.to(device)
         for config in triton_search._CONFIGS[family]:
-            indices = torch.empty(300, dtype=torch.int64)
-            distances = torch.empty(300)
-            counts, sums = torch.zeros(77, dtype=torch.int32), torch.zeros(77, d)
+            indices = torch.empty(300, dtype=torch.int64, device=device)
+            distances = torch.empty(300, device=device)
+            counts = torch.zeros(77, dtype=torch.int32, device=device)
+            sums = torch.zeros(77, d, device=device)
+            launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
             triton_search._TUNED[family].fn[lambda meta: (triton.cdiv(300, meta["BLOCK_N"]),)](
-                z, codebook, codebook.square().sum(1), indices, distances, counts, sums, 300, 77,
-                D=d, PRECISION=precision, STATS=True, **config.kwargs)
+                z, codebook, codebook.float().square().sum(1), indices, distances, counts, sums,
+                300, 77, D=d, PRECISION=precision, STATS=True, **config.kwargs,
+                **(launch if device == "cuda" else {}))
             assert torch.equal(indices, planted), f"{family} {precision} D={d} {config}"
-            check_distances(distances, z, codebook, indices, f"{family} D={d} {config}")
+            check_distances(distances.cpu(), z.cpu(), codebook.cpu(), indices.cpu(),
+                            f"{family} D={d} {config}")
             assert torch.equal(counts, torch.bincount(planted, minlength=77).int())
-            torch.testing.assert_close(sums, torch.zeros(77, d).index_add_(0, planted, z))
+            torch.testing.assert_close(sums, torch.zeros_like(sums).index_add_(0, planted, z.float()))
 
 
 @pytest.mark.cuda
