@@ -241,12 +241,12 @@ def test_cuda_backend_limits(monkeypatch):
     op = importlib.import_module("vqkernels.ops.attention")  # ops.attention is the function
 
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(op, "device_capability", lambda device: (7, 5))
     monkeypatch.setattr(op, "triton_reasons", lambda device: ["triton is not importable (test)"])
     reasons = op._cuda_limits(device=cuda, dtype=torch.bfloat16, head_dim=72, requires_grad=True)
     assert any("sm_80" in r for r in reasons), reasons
     assert any("backward is the Triton kernel" in r for r in reasons), reasons
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(op, "device_capability", lambda device: (9, 0))
     assert op._cuda_limits(device=cuda, dtype=torch.bfloat16, head_dim=72) == []
     assert "triton" in " ".join(op._cuda_limits(device=cuda, dtype=torch.bfloat16, head_dim=72,
                                                 requires_grad=True))

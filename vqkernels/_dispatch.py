@@ -5,16 +5,22 @@ order in which ``backend="auto"`` tries them (fastest first, as measured; the
 op file says why). An explicitly named backend that cannot take the input
 raises ``BackendUnavailableError`` listing every reason; only ``auto`` moves on
 to the next backend.
+
+On CUDA ``auto`` is cautious: it tries first the backends verified on a GPU of
+the device's compute capability (``vqkernels._verified``), in the op's order;
+then, of those never verified there, Triton (parity-tested under the
+interpreter, compile-tested for sm_90) before hand-written CUDA kernels.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from vqkernels import _ext
+from vqkernels import _ext, _verified
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "VQKERNELS_BACKEND"
@@ -94,8 +100,19 @@ class OpDispatch:
                 f"backend {name!r} cannot run {self.op} on this input: " + "; ".join(reasons))
         return backend
 
+    def auto_candidates(self, device: torch.device) -> tuple[str, ...]:
+        """The order ``auto`` tries the backends in on ``device`` (the module docstring)."""
+        order = self.auto_order.get(device.type, ())
+        if device.type == "cuda":
+            capability = device_capability(device)
+            verified = [name for name in order if _verified.is_verified(self.op, name, capability)]
+            unverified = sorted((name for name in order if name not in verified),
+                                key=lambda name: name != "triton")  # stable: Triton first
+            order = tuple(verified + unverified)
+        return order + ("reference",)
+
     def _auto(self, device: torch.device, dtype: torch.dtype, **shape) -> Backend:
-        for name in self.auto_order.get(device.type, ()) + ("reference",):
+        for name in self.auto_candidates(device):
             skip = self.auto_skip.get(name)
             if skip is not None and skip(device=device, dtype=dtype, **shape):
                 continue
@@ -108,6 +125,18 @@ class OpDispatch:
         """Every backend's reasons for refusing this input ([] = usable); for info()."""
         return {name: b.not_supported_reasons(device, dtype, **shape)
                 for name, b in self.backends.items()}
+
+
+@torch.compiler.assume_constant_result  # traced as a constant: no graph break under compile
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (the current one for index None)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_of(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def requested_backend(requested: str | None) -> str:

@@ -1,4 +1,4 @@
-"""``vqkernels.info()``: what was built, and what each op dispatches to here."""
+"""``vqkernels.info()``: what was built, what each op dispatches to here, and its GPU status."""
 from __future__ import annotations
 
 import os
@@ -6,20 +6,31 @@ import platform
 
 import torch
 
-from vqkernels import _ext
+from vqkernels import _ext, _verified
 from vqkernels._dispatch import ENV_VAR
 from vqkernels._version import __version__
 
 
 def _op_dispatches():
-    """op -> (its dispatch, the dtype and shape facts info() asks about)."""
-    from vqkernels.ops import ddim, timestep
+    """label -> (public op, its dispatch, the dtype and shape facts info() asks about)."""
+    from vqkernels.ops import ddim, ema, search, timestep
     from vqkernels.ops.attention import DISPATCH as attention_dispatch  # ops.attention: the op
 
-    return {"timestep_embedding": (timestep.DISPATCH, torch.float32, {}),
-            "ddim_step": (ddim.DISPATCH, torch.float32, {}),
-            "attention (d=72)": (attention_dispatch, torch.float32,
-                                 dict(head_dim=72))}
+    f32 = torch.float32
+    return {
+        "timestep_embedding": ("timestep_embedding", timestep.DISPATCH, f32, {}),
+        # two D: auto prefers the CUDA kernel up to D = 64 (ops.search)
+        "nearest_code (fp32, D=32)": ("nearest_code", search.DISPATCH, f32, dict(dim=32)),
+        "nearest_code (fp32, D=256)": ("nearest_code", search.DISPATCH, f32, dict(dim=256)),
+        "vector_quantize (fp32, D=256)": ("vector_quantize", search.DISPATCH, f32, dict(dim=256)),
+        "nearest_code_with_stats (fp32, D=256)": ("nearest_code_with_stats", search.DISPATCH,
+                                                  f32, dict(dim=256)),
+        "code_counts_and_sums (fp32)": ("code_counts_and_sums", ema.STATS_DISPATCH, f32, {}),
+        "ema_update_ (fp32 z and codebook)": ("ema_update_", ema.DISPATCH, f32,
+                                              dict(codebook_dtype=f32)),
+        "attention (fp32, d=72)": ("attention", attention_dispatch, f32, dict(head_dim=72)),
+        "ddim_step (fp32)": ("ddim_step", ddim.DISPATCH, f32, {}),
+    }
 
 
 def _devices() -> list[torch.device]:
@@ -29,35 +40,50 @@ def _devices() -> list[torch.device]:
     return devices
 
 
-def info_dict() -> dict:
-    """Build facts, runtime versions, and per op and device the backend ``auto`` picks."""
+def versions() -> dict:
+    """python, torch, triton (None if not installed) and vqkernels versions."""
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton_version, "vqkernels": __version__}
+
+
+def gpu_status() -> dict[str, dict[str, str]]:
+    """Per public op and GPU backend: "verified on <device> (sm_XY), <date>", or not yet run."""
+    return {op: {backend: _verified.gpu_status(dispatch.op, backend)
+                 for backend in _verified.GPU_BACKENDS}
+            for op, dispatch, _, _ in _op_dispatches().values()}
+
+
+def info_dict() -> dict:
+    """Build facts, runtime versions, per op and device the backend ``auto`` picks, GPU status."""
     ops = {}
-    for name, (dispatch, dtype, shape) in _op_dispatches().items():
+    for label, (_, dispatch, dtype, shape) in _op_dispatches().items():
         for device in _devices():
-            ops.setdefault(name, {})[device.type] = {
+            ops.setdefault(label, {})[device.type] = {
                 "auto": dispatch.select("auto", device, dtype, **shape).name,
                 "unavailable": {b: r for b, r in dispatch.explain(device, dtype, **shape).items()
                                 if r},
             }
+    found = versions()
     return {
-        "vqkernels": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
+        "vqkernels": found["vqkernels"],
+        "python": found["python"],
+        "torch": found["torch"],
+        "triton": found["triton"],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "extension": _ext.build_info() or {"loaded": False, "error": _ext.LOAD_ERROR},
         "backend_env": os.environ.get(ENV_VAR),
         "ops": ops,
+        "gpu_status": gpu_status(),
     }
 
 
 def info(print_it: bool = True) -> dict:
-    """Print (and return) what was built and which backend each op uses here."""
+    """Print (and return) what was built, which backend each op uses here, and its GPU status."""
     data = info_dict()
     if print_it:
         print(format_info(data))
@@ -85,4 +111,9 @@ def format_info(data: dict) -> str:
             lines.append(f"{op} on {device}: auto -> {choice['auto']}")
             for backend, reasons in choice["unavailable"].items():
                 lines.append(f"    {backend}: unavailable ({'; '.join(reasons)})")
+    lines.append("On a GPU (vqkernels._verified; auto on CUDA prefers verified backends, "
+                 "then Triton):")
+    for op, statuses in data["gpu_status"].items():
+        lines.append(f"    {op}: " + "; ".join(f"{'triton on cuda' if b == 'triton' else b}: {s}"
+                                                 for b, s in statuses.items()))
     return "\n".join(lines)

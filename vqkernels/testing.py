@@ -5,6 +5,10 @@ A fast backend's error against the float64 truth may be at most ``forward``
 inputs, plus a floor of ``atol`` times the truth's magnitude (at least 1): a
 few of the dtype's ulps, so that no bound rests on one processor's or libm's
 rounding of the reference (which may happen to be exact).
+
+``contract_error``, ``nearest_errors`` and ``code_stats_errors`` return
+(error, bound) pairs, which ``selftest`` reports; the ``assert_*`` helpers the
+tests use assert on the same pairs.
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ TOLERANCES = {
     ("ema_update", torch.float16): Tolerance(atol=2e-3),
     ("ema_update", torch.bfloat16): Tolerance(atol=1.6e-2),
     ("code_counts_and_sums", torch.float32): Tolerance(atol=1e-5),
+    # vector_quantize: z_q is the code up to one rounding (z + (zq - z) in z's dtype),
+    # the loss and the codebook gradient are sums over rows, as the EMA's: its floors.
+    ("vector_quantize", torch.float64): Tolerance(atol=1e-12),
+    ("vector_quantize", torch.float32): Tolerance(atol=1e-5),
+    ("vector_quantize", torch.float16): Tolerance(atol=2e-3),
+    ("vector_quantize", torch.bfloat16): Tolerance(atol=1.6e-2),
     # DDIM step, errors relative to the sample's scale; the slack covers the
     # float32 Box-Muller noise (the reference's is float64) and reciprocal rounding.
     ("ddim_step", torch.float32): Tolerance(atol=1e-6),
@@ -48,36 +58,58 @@ TOLERANCES = {
 
 
 def max_error(x: torch.Tensor, truth: torch.Tensor) -> float:
+    """max |x - truth| in float64 (0 for empty tensors; NaN anywhere gives NaN)."""
     return (x.double().cpu() - truth.double().cpu()).abs().max().item() if x.numel() else 0.0
+
+
+def contract_error(op: str, dtype: torch.dtype, out: torch.Tensor, reference: torch.Tensor,
+                   truth: torch.Tensor, *, kind: str = "forward") -> tuple[float, float]:
+    """(max error of ``out`` against ``truth``, the most the contract allows it).
+
+    The bound is ``TOLERANCES[(op, dtype)]``'s multiple (``forward`` or
+    ``gradient``, by ``kind``) of ``reference``'s error, plus the floor.
+    """
+    if out.shape != truth.shape:
+        raise ValueError(f"{op}: out shape {tuple(out.shape)} != truth shape {tuple(truth.shape)}")
+    tol = TOLERANCES[(op, dtype)]
+    multiple = tol.forward if kind == "forward" else tol.gradient
+    magnitude = truth.detach().abs().max().item() if truth.numel() else 0.0
+    floor = tol.atol * max(1.0, magnitude)
+    return max_error(out, truth), multiple * max_error(reference, truth) + floor
 
 
 def assert_within_contract(op: str, dtype: torch.dtype, out: torch.Tensor,
                            reference: torch.Tensor, truth: torch.Tensor, *,
                            kind: str = "forward", what: str = "") -> None:
     """``out`` is as close to ``truth`` as the contract asks, given ``reference``'s error."""
-    assert out.shape == truth.shape, f"{op} {what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
-    tol = TOLERANCES[(op, dtype)]
-    multiple = tol.forward if kind == "forward" else tol.gradient
-    err, ref_err = max_error(out, truth), max_error(reference, truth)
-    floor = tol.atol * max(1.0, truth.detach().abs().max().item() if truth.numel() else 0.0)
-    bound = multiple * ref_err + floor
-    assert err <= bound, (f"{op} {kind} {dtype} {what}: max error {err:.3e} exceeds "
-                          f"{multiple}x the reference's {ref_err:.3e} + floor {floor:.1e}")
+    assert out.shape == truth.shape, (f"{op} {what}: shape {tuple(out.shape)} != "
+                                      f"{tuple(truth.shape)}")
+    err, bound = contract_error(op, dtype, out, reference, truth, kind=kind)
+    assert err <= bound, (f"{op} {kind} {dtype} {what}: max error {err:.3e} exceeds the bound "
+                          f"{bound:.3e} (a multiple of the same-dtype reference's error + floor)")
+
+
+def code_stats_errors(z: torch.Tensor, indices: torch.Tensor, num_codes: int,
+                      counts: torch.Tensor, sums: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """(error, bound) of counts (exact: bound 0) and sums (the contract) of (z, indices)."""
+    from vqkernels.reference.ema import code_counts_and_sums
+
+    indices = indices.cpu().long()
+    exact_counts = torch.bincount(indices, minlength=num_codes).double()
+    same = code_counts_and_sums(z, indices, num_codes)[1]
+    truth = code_counts_and_sums(z.double(), indices, num_codes)[1]
+    return {"counts": (max_error(counts, exact_counts), 0.0),
+            "sums": contract_error("code_counts_and_sums", torch.float32, sums, same, truth)}
 
 
 def assert_code_stats(z: torch.Tensor, indices: torch.Tensor, num_codes: int,
                       counts: torch.Tensor, sums: torch.Tensor, what: str = "") -> None:
     """counts and sums are code_counts_and_sums of (z, indices): exact counts, sums in contract."""
-    from vqkernels.reference.ema import code_counts_and_sums
-
-    indices = indices.cpu()
     assert counts.dtype == sums.dtype == torch.float32, f"{what}: {counts.dtype}, {sums.dtype}"
+    assert counts.shape == (num_codes,), f"{what}: counts shape {tuple(counts.shape)}"
     assert sums.shape == (num_codes, z.shape[1]), f"{what}: sums shape {tuple(sums.shape)}"
-    assert torch.equal(counts.cpu(), torch.bincount(indices, minlength=num_codes).float()), what
-    same = code_counts_and_sums(z, indices, num_codes)[1]
-    truth = code_counts_and_sums(z.double(), indices, num_codes)[1]
-    assert_within_contract("code_counts_and_sums", torch.float32, sums, same, truth,
-                           what=f"{what} sums")
+    for name, (err, bound) in code_stats_errors(z, indices, num_codes, counts, sums).items():
+        assert err <= bound, f"{what} {name}: max error {err:.3e} exceeds the bound {bound:.3e}"
 
 
 # Nearest-code search: the chosen code's true (fp64) distance may exceed the true
@@ -97,20 +129,34 @@ SEARCH_RTOL = {
 }
 
 
-def assert_nearest(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
-                   distances: torch.Tensor, precision: str, what: str = "") -> None:
-    """indices pick a code within tolerance of the true nearest; distances are its true distance."""
+def nearest_errors(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                   distances: torch.Tensor, precision: str) -> dict[str, tuple[float, float]]:
+    """(error, bound) of a search's indices and distances, relative to the cancellation scale.
+
+    indices: how much farther (true fp64 distance) the chosen code is than the
+    nearest, bound ``SEARCH_RTOL``; distances: how far the returned distance is
+    from the chosen code's true one.
+    """
     z64, e64 = z.detach().double().cpu(), codebook.detach().double().cpu()
     indices, distances = indices.cpu(), distances.double().cpu()
-    assert indices.dtype == torch.int64 and indices.shape == (z.shape[0],), what
+    rtol = SEARCH_RTOL[(z.dtype, precision)]
     if z.shape[0] == 0:
-        return
+        return {"indices": (0.0, rtol), "distances": (0.0, max(rtol, 1e-6))}
     true = ((z64[:, None, :] - e64[None]) ** 2).sum(-1)  # exact, small shapes only
     chosen = true.gather(1, indices[:, None]).squeeze(1)
     scale = z64.square().sum(1) + e64.square().sum(1).max()
-    rtol = SEARCH_RTOL[(z.dtype, precision)]
-    gap = chosen - true.min(1).values
-    worst = (gap / scale).max().item()
-    assert worst <= rtol, f"{what}: chosen code is {worst:.2e} (relative) farther than the nearest, allowed {rtol:.0e}"
+    gap = ((chosen - true.min(1).values) / scale).max().item()
     dist_err = ((distances - chosen).abs() / scale).max().item()
-    assert dist_err <= max(rtol, 1e-6), f"{what}: returned distance off by {dist_err:.2e} (relative)"
+    return {"indices": (gap, rtol), "distances": (dist_err, max(rtol, 1e-6))}
+
+
+def assert_nearest(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                   distances: torch.Tensor, precision: str, what: str = "") -> None:
+    """indices pick a code within tolerance of the true nearest; distances are its true distance."""
+    assert indices.dtype == torch.int64 and indices.shape == (z.shape[0],), what
+    errors = nearest_errors(z, codebook, indices, distances, precision)
+    worst, rtol = errors["indices"]
+    assert worst <= rtol, (f"{what}: chosen code is {worst:.2e} (relative) farther than the "
+                           f"nearest, allowed {rtol:.0e}")
+    dist_err, allowed = errors["distances"]
+    assert dist_err <= allowed, f"{what}: returned distance off by {dist_err:.2e} (relative)"

@@ -13,7 +13,8 @@ backward recomputes the probabilities instead of storing them.
 
 ``auto`` order: on CPU the C++ kernel. On CUDA Triton, then the CUDA kernel:
 neither has run on a GPU yet, and the Triton one is the one with a backward;
-the H100 benchmark decides (benchmarks/bench_attention.py). float32 on the GPU
+the H100 benchmark decides (benchmarks/bench_attention.py). A backend verified
+on the GPU goes before one that is not (``vqkernels._dispatch``). float32 on the GPU
 is computed in IEEE fp32, not tf32, so it keeps the fp32 reference's accuracy.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ import math
 import torch
 
 from vqkernels import _ext
-from vqkernels._dispatch import Backend, OpDispatch, triton_reasons
+from vqkernels._dispatch import (Backend, OpDispatch, device_capability,
+                                 triton_reasons)
 from vqkernels.reference import attention as reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -38,18 +40,24 @@ def _run_reference(q, k, v, scale):
 
 
 def _run_cpp(q, k, v, scale):
-    return torch.ops.vqkernels.attention_forward(q, k, v, scale)[0]
+    return _nan_without_mass(*torch.ops.vqkernels.attention_forward(q, k, v, scale))
 
 
 def _run_triton(q, k, v, scale):
-    return torch.ops.vqkernels.attention_forward_triton(q, k, v, scale)[0]
+    return _nan_without_mass(*torch.ops.vqkernels.attention_forward_triton(q, k, v, scale))
+
+
+def _nan_without_mass(out, lse):
+    """NaN in the rows whose logits are all -inf (lse = -inf): softmax is 0 / 0 there,
+    NaN in the reference and torch.softmax, where a kernel may write 0."""
+    return torch.where(torch.isneginf(lse)[..., None], float("nan"), out)
 
 
 def _cuda_limits(*, device, dtype, head_dim, requires_grad=False):
     reasons = []
     if head_dim not in CUDA_HEAD_DIMS:
         reasons.append(f"head_dim {head_dim} is not one of {list(CUDA_HEAD_DIMS)}")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+    if device.type == "cuda" and device_capability(device) < (8, 0):
         reasons.append("the CUDA kernel needs sm_80 or newer (mma.sync on bf16)")
     if requires_grad:
         reasons += [f"its backward is the Triton kernel, and {reason}"
@@ -94,11 +102,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """
     _validate(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = (_unit_stride_rows(x) for x in (q, k, v))
     requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     run = DISPATCH.select(backend, q.device, q.dtype, head_dim=q.shape[-1],
                           requires_grad=requires_grad).run
     return run(q, k, v, scale)
+
+
+def _unit_stride_rows(x):
+    """``x``, or one contiguous copy when its last dimension is strided.
+
+    ``clone`` rather than ``contiguous``: an empty tensor counts as contiguous
+    whatever its strides, and the kernels check the last one.
+    """
+    if x.shape[-1] == 1 or x.stride(-1) == 1:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _validate(q, k, v, scale):

@@ -1,0 +1,259 @@
+"""The checks ``vqkernels.selftest`` runs: one per public op, small odd shapes.
+
+Each check runs the op on one backend and returns ``{what: (error, bound)}``
+for every output and gradient, judged by ``vqkernels.testing``: the truth is
+the reference in float64, the bound a multiple of the same-dtype reference's
+error plus a floor (searches: the chosen code's true distance within
+``SEARCH_RTOL`` of the minimum). Inputs are drawn on the CPU from the given
+generator, so every backend of an op sees the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from vqkernels import ops
+from vqkernels._dispatch import OpDispatch
+from vqkernels.ops import ddim, ema, search, timestep
+from vqkernels.ops.attention import DISPATCH as ATTENTION_DISPATCH  # ops.attention: the op
+from vqkernels.reference import attention as ref_attention
+from vqkernels.reference import ddim as ref_ddim
+from vqkernels.reference import ema as ref_ema
+from vqkernels.reference import search as ref_search
+from vqkernels.reference import timestep as ref_timestep
+from vqkernels.testing import code_stats_errors, contract_error, nearest_errors
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+Errors = dict[str, tuple[float, float]]
+# Odd sizes past one tile of every kernel (64 / 128 rows or codes, 64-wide D chunks);
+# D = 72 is also past the CUDA search's auto limit of 64.
+N, K, D = 67, 131, 72  # rows, codes, columns of the VQ checks
+
+
+@dataclass(frozen=True)
+class Case:
+    """A public op, the dispatch that picks its backend, the dtypes it is checked in, its check."""
+
+    op: str
+    dispatch: OpDispatch
+    dtypes: tuple[torch.dtype, ...]
+    check: Callable[[str, torch.device, torch.dtype, torch.Generator], Errors]
+    facts: Callable[[torch.dtype], tuple[torch.dtype, dict]]  # dtype -> what explain() is asked
+
+    def explain(self, device: torch.device, dtype: torch.dtype) -> dict[str, list[str]]:
+        dispatch_dtype, shape = self.facts(dtype)
+        return self.dispatch.explain(device, dispatch_dtype, **shape)
+
+
+def _randn(shape, generator, dtype, scale=1.0):
+    return (torch.randn(shape, generator=generator, dtype=F64) * scale).to(dtype)
+
+
+def _with_grads(fn, inputs, upstream):
+    """fn(*inputs) as a tuple of outputs, and the gradients of sum <output, upstream> wrt inputs.
+
+    Each upstream gradient is cast to its output's dtype (draw it in the
+    lowest dtype compared, so that every run sees the same values).
+    """
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.backward(outputs, [u.to(o.dtype) for u, o in zip(upstream, outputs)])
+    return [o.detach() for o in outputs], [x.grad for x in inputs]
+
+
+def _expect_dtype(x, dtype, name):
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}, expected {dtype}")
+    return x
+
+
+def _judge(op, dtype, names, got, same, truth, kind="forward") -> Errors:
+    return {name: contract_error(op, dtype, g, s, t, kind=kind)
+            for name, g, s, t in zip(names, got, same, truth)}
+
+
+# --- timestep_embedding: forward and d/dt, in each output dtype -----------------------------
+
+def check_timestep(backend, device, dtype, generator) -> Errors:
+    t = torch.rand(67, generator=generator, dtype=F64).mul(1000).float()
+    t[-1] = 999.5
+    weights = [_randn((67, 301), generator, dtype)]
+
+    def ours(x):
+        out = ops.timestep_embedding(x.to(device), 301, dtype=dtype, backend=backend)
+        return _expect_dtype(out, dtype, "the embedding")
+
+    got = _with_grads(ours, [t], weights)
+    same = _with_grads(lambda x: ref_timestep.timestep_embedding(x, 301, dtype=dtype), [t], weights)
+    truth = _with_grads(
+        lambda x: ref_timestep.timestep_embedding(x, 301, dtype=F64, math_dtype=F64),
+        [_f64(t)], weights)
+    errors = _judge("timestep_embedding", dtype, ["forward"], got[0], same[0], truth[0])
+    errors.update(_judge("timestep_embedding", dtype, ["grad t"], got[1], same[1], truth[1],
+                         kind="gradient"))
+    return errors
+
+
+# --- search: nearest_code, nearest_code_with_stats, vector_quantize -------------------------
+
+def check_nearest_code(backend, device, dtype, generator) -> Errors:
+    z, codebook = _randn((N, D), generator, dtype), _randn((K, D), generator, dtype)
+    indices, distances = ops.nearest_code(z.to(device), codebook.to(device), backend=backend)
+    _expect_indices(indices, N)
+    return nearest_errors(z, codebook, indices, distances, search.default_precision(dtype))
+
+
+def check_nearest_code_with_stats(backend, device, dtype, generator) -> Errors:
+    z, codebook = _randn((N, D), generator, dtype), _randn((K, D), generator, dtype)
+    indices, distances, counts, sums = ops.nearest_code_with_stats(
+        z.to(device), codebook.to(device), backend=backend)
+    _expect_indices(indices, N)
+    errors = nearest_errors(z, codebook, indices, distances, search.default_precision(dtype))
+    return {**errors, **code_stats_errors(z, indices, K, counts, sums)}
+
+
+def check_vector_quantize(backend, device, dtype, generator) -> Errors:
+    """On well separated codes (one right answer per row), so that every backend picks it.
+
+    The loss's upstream gradient is N * D, which makes the gradients O(1):
+    the contract's floor is relative to max(1, |truth|).
+    """
+    codebook = _randn((K, D), generator, F64, scale=10.0)
+    z = codebook[torch.randint(0, K, (N,), generator=generator)] + _randn((N, D), generator, F64)
+    z, codebook = z.to(dtype), codebook.to(dtype)
+    upstream = [_randn((N, D), generator, dtype), torch.tensor(float(N * D))]
+
+    def ours(a, b):
+        z_q, loss, _ = ops.vector_quantize(a.to(device), b.to(device), backend=backend)
+        return _expect_dtype(z_q, dtype, "z_q"), loss
+
+    def run(fn, cast):
+        return _with_grads(lambda a, b: fn(a, b)[:2], [cast(z), cast(codebook)], upstream)
+
+    got, same = run(ours, lambda x: x), run(ref_search.vector_quantize, lambda x: x)
+    truth = run(ref_search.vector_quantize, _f64)
+    errors = _judge("vector_quantize", dtype, ["z_q", "loss"], got[0], same[0], truth[0])
+    errors.update(_judge("vector_quantize", dtype, ["grad z", "grad codebook"], got[1], same[1],
+                         truth[1], kind="gradient"))
+    return errors
+
+
+def _f64(x):
+    return x.to(F64)
+
+
+def _expect_indices(indices, n):
+    if indices.dtype != torch.int64 or tuple(indices.shape) != (n,):
+        raise ValueError(f"indices must be int64 ({n},), got {indices.dtype} "
+                         f"{tuple(indices.shape)}")
+
+
+# --- EMA: code_counts_and_sums, ema_update_ -------------------------------------------------
+
+def check_code_counts_and_sums(backend, device, dtype, generator) -> Errors:
+    z, indices = _randn((N, D), generator, dtype), torch.randint(0, K, (N,), generator=generator)
+    counts, sums = ops.code_counts_and_sums(z.to(device), indices.to(device), K, backend=backend)
+    return code_stats_errors(z, indices, K, counts, sums)
+
+
+def ema_codebook_dtype(dtype):
+    """The codebook in z's dtype where the GPU kernels take it, else the float32 state's."""
+    return dtype if dtype in ema.GPU_DTYPES else F32
+
+
+def check_ema_update(backend, device, dtype, generator) -> Errors:
+    z, indices = _randn((N, D), generator, dtype), torch.randint(0, K, (N,), generator=generator)
+    cluster_size = torch.rand(K, generator=generator) + 0.5
+    state = [cluster_size, _randn((K, D), generator, F32) * cluster_size[:, None],
+             _randn((K, D), generator, ema_codebook_dtype(dtype))]
+    options = dict(decay=0.9, eps=1e-5, bias_correction=True, step=3)
+    ours = [x.clone().to(device) for x in state]
+    ops.ema_update_(*ours, z.to(device), indices.to(device), backend=backend, **options)
+    same, truth = [x.clone() for x in state], [x.to(F64) for x in state]
+    ref_ema.ema_update_(*same, z, indices, **options)
+    ref_ema.ema_update_(*truth, z.to(F64), indices, **options)
+    return {name: contract_error("ema_update", s.dtype, o, s, t)
+            for name, o, s, t in zip(("cluster_size", "embed_sum", "codebook"), ours, same, truth)}
+
+
+# --- attention: forward and d/dq, d/dk, d/dv at DiT's head dim -------------------------------
+
+def check_attention(backend, device, dtype, generator) -> Errors:
+    q, k, v = (_randn((1, 2, s, 72), generator, dtype) for s in (67, 131, 131))
+    grad_out = _randn((1, 2, 67, 72), generator, dtype)
+
+    def ours(*x):
+        out = ops.attention(*(t.to(device) for t in x), backend=backend)
+        return _expect_dtype(out, dtype, "the output")
+
+    def run(fn, cast):
+        return _with_grads(fn, [cast(x) for x in (q, k, v)], [grad_out])
+
+    got, same = run(ours, lambda x: x), run(ref_attention.attention, lambda x: x)
+    truth = run(ref_attention.attention, _f64)
+    errors = _judge("attention", dtype, ["out"], got[0], same[0], truth[0])
+    errors.update(_judge("attention", dtype, ["grad q", "grad k", "grad v"], got[1], same[1],
+                         truth[1], kind="gradient"))
+    return errors
+
+
+# --- ddim_step: guidance on a [cond; uncond] batch, per-sample timesteps, given noise ----------
+
+DDIM_OPTIONS = dict(num_inference_steps=20, eta=0.5)
+
+
+def _ddim_reference(model_output, timesteps, sample, table, noise):
+    cond, uncond = model_output.chunk(2)
+    guided = ref_ddim.cfg_combine(uncond, cond, 4.0)[:, :sample.shape[1]]
+    return ref_ddim.ddim_step(guided, timesteps, sample, table, 1.0, variance_noise=noise,
+                              **DDIM_OPTIONS)
+
+
+def check_ddim_step(backend, device, dtype, generator) -> Errors:
+    sample, noise = (_randn((3, 4, 17, 19), generator, dtype) for _ in range(2))
+    model_output = _randn((6, 8, 17, 19), generator, dtype)  # [cond; uncond], learned sigma
+    timesteps = torch.tensor([980, 500, 0])  # 0 steps past the start: final_alpha_cumprod
+    table = ref_ddim.alphas_cumprod(ref_ddim.betas_for_schedule())  # float64, T = 1000
+    ours = ops.ddim_step(model_output.to(device), timesteps.to(device), sample.to(device),
+                         table.to(device), guidance_scale=4.0, variance_noise=noise.to(device),
+                         backend=backend, **DDIM_OPTIONS)
+    same = _ddim_reference(model_output, timesteps, sample, table, noise)
+    truth = _ddim_reference(_f64(model_output), timesteps, _f64(sample), table, _f64(noise))
+    errors = {}
+    for name, o, s, t in zip(("prev_sample", "pred_original_sample"), ours, same, truth):
+        _expect_dtype(o, dtype, name)
+        scale = max(t.abs().max().item(), 1.0)  # x0 at t ~ T is ~100x larger than x_t
+        errors[name] = contract_error("ddim_step", dtype, o / scale, s / scale, t / scale)
+    return errors
+
+
+# --- the cases --------------------------------------------------------------------------------
+
+def _plain(dtype):
+    return dtype, {}
+
+
+def _search_facts(dtype):
+    return dtype, {"dim": D}
+
+
+CASES = (
+    Case("timestep_embedding", timestep.DISPATCH, (F32, F64, F16, BF16), check_timestep,
+         lambda dtype: (F32, {})),  # dtype is the output's; t is float32
+    Case("nearest_code", search.DISPATCH, (F32, F64, F16, BF16), check_nearest_code,
+         _search_facts),
+    Case("vector_quantize", search.DISPATCH, (F32, F64, F16, BF16), check_vector_quantize,
+         _search_facts),
+    Case("nearest_code_with_stats", search.DISPATCH, (F32, F64, F16, BF16),
+         check_nearest_code_with_stats, _search_facts),
+    Case("code_counts_and_sums", ema.STATS_DISPATCH, (F32, F64, F16, BF16),
+         check_code_counts_and_sums, _plain),
+    Case("ema_update_", ema.DISPATCH, (F32, F64, F16, BF16), check_ema_update,
+         lambda dtype: (dtype, {"codebook_dtype": ema_codebook_dtype(dtype)})),
+    Case("attention", ATTENTION_DISPATCH, (F32, F64, F16, BF16), check_attention,
+         lambda dtype: (dtype, {"head_dim": 72})),
+    Case("ddim_step", ddim.DISPATCH, (F32, F16, BF16), check_ddim_step, _plain),
+)
