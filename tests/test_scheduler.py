@@ -336,3 +336,40 @@ def test_runs_in_diffusers_dit_pipeline(generator):
                 generator=torch.Generator().manual_seed(0)).images
     got, want = images.values()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _permuted_like_diffusers_tests(x):
+    """x (B, C, H, W) stored as diffusers' scheduler tests store their sample:
+    (C, H, W, B) memory, ``.permute(3, 0, 1, 2)``."""
+    return x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
+@pytest.mark.parametrize("backend", [
+    "cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_permuted_inputs_match_diffusers_step_for_step(backend, generator):
+    diffusers = _diffusers()
+    config = dict(prediction_type="v_prediction", **X0_MODES["clip"])
+    ours, theirs = DDIMScheduler(**config, backend=backend), diffusers.DDIMScheduler(**config)
+    ref32 = _reference_scheduler(config)
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(N_STEPS)
+    n = 4 * 3 * 8 * 8  # diffusers' dummy_sample_deter: arange / n, permuted
+    sample = (torch.arange(n).reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
+    for t in ours.timesteps.tolist():
+        model_output = _permuted_like_diffusers_tests(sample * t / (t + 1) - 0.3)
+        strided = torch.stack([model_output, -model_output], dim=-1)[..., 0]  # inner stride 2
+        noise = _permuted_like_diffusers_tests(_randn(generator, *sample.shape))
+        truth = _float64_step(ours, model_output, t, sample, 0.5, noise)
+        ref = ref32.step(model_output.contiguous(), t, sample.contiguous(), eta=0.5,
+                         variance_noise=noise.contiguous())
+        want = theirs.step(model_output, t, sample, eta=0.5, variance_noise=noise)
+        for output in (model_output, strided):
+            assert not output.is_contiguous()
+            got = ours.step(output, t, sample, eta=0.5, variance_noise=noise)
+            for i, name in enumerate(("prev_sample", "pred_original_sample")):
+                own_err = max(_max_err(ref[i], truth[i]), _max_err(want[i], truth[i]))
+                bound = 2 * own_err + 8 * F32_EPS * max(1.0, truth[i].abs().max().item())
+                err, gap = _max_err(got[i], truth[i]), _max_err(got[i], want[i].double())
+                assert err <= bound, f"{name} at t={t}: error {err:.3e} exceeds {bound:.3e}"
+                assert gap <= bound + own_err, f"{name} at t={t}: {gap:.3e} from diffusers"
+        sample = _permuted_like_diffusers_tests(want.prev_sample)

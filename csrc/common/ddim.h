@@ -90,10 +90,11 @@ VQK_HOST_DEVICE T clamp_propagating_nan(T x, float r) {
 }
 
 // x0 clipped to [-r, r], or dynamically thresholded by the sample's s >= 1
-// (clamp to [-s, s], divide by s) when threshold > 0.
+// (clamp to [-s, s], divide by s) when threshold > 0 or NaN (a NaN sample's
+// threshold: its output is NaN, as the reference's).
 template <typename T>
 VQK_HOST_DEVICE T ddim_limit_x0(T x0, float threshold, const DdimParams& p) {
-  if (threshold > 0.0f) return clamp_propagating_nan(x0, threshold) / threshold;
+  if (!(threshold <= 0.0f)) return clamp_propagating_nan(x0, threshold) / threshold;
   if (p.clip_sample) return clamp_propagating_nan(x0, p.clip_sample_range);
   return x0;
 }

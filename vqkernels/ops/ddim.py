@@ -6,8 +6,15 @@ reference composes ``reference.ddim.cfg_combine*`` and
 ``reference.ddim.ddim_step``. ``auto`` order: on CPU the C++ kernel; on CUDA
 the CUDA kernel, then Triton (both are one bandwidth-bound pass; the CUDA
 launch is cheaper: to be confirmed by the GPU benchmark, which no session has
-run yet). Inputs that require grad go to the reference under ``auto`` (the
+run yet) once both are verified on the GPU, until then Triton first
+(``vqkernels._dispatch``). Inputs that require grad go to the reference under ``auto`` (the
 kernels have no backward), as do float64 samples.
+
+Rounding: the C++ CPU step is compiled without FMA contraction, so in float32
+it rounds each operation as diffusers' step does. On the GPU nvcc contracts
+``a * b + c`` into FMA and Triton also divides approximately (``div.full``,
+2 ulp): CUDA and Triton differ from diffusers at the ulp level, within the
+numerics contract, so their tests are tolerance-based, never bitwise.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ import torch
 
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.ops._ddim_checks import validate_model_output, validate_timestep
+from vqkernels.ops._layout import dense_rows, unit_stride_rows
 from vqkernels.reference import ddim as reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -192,7 +201,7 @@ def ddim_step(
     channels = sample.shape[1] if sample.dim() >= 2 else 1
     if b == 0:
         return torch.empty_like(sample), (torch.empty_like(sample) if return_pred_original else None)
-    cond, uncond = _model_outputs(model_output, uncond_output, guidance_scale, b)
+    cond, uncond = _model_outputs(model_output, uncond_output, guidance_scale, sample)
     timesteps = _per_sample_timesteps(timestep, b, sample.device)
     requires_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (model_output, uncond_output, sample))
@@ -204,8 +213,8 @@ def ddim_step(
             # Kernels read noise in the sample's dtype or float32: never round
             # fp32 noise down to a bf16 sample's precision before the fp32 math.
             keep = variance_noise.dtype in (sample.dtype, torch.float32)
-            noise = variance_noise.to(variance_noise.dtype if keep else torch.float32)
-            noise = noise.reshape(b, m).contiguous()
+            noise = dense_rows(variance_noise, b, m,
+                                variance_noise.dtype if keep else torch.float32)
         else:
             seed = noise_seed.reshape(1) if noise_seed is not None else draw_noise_seed(
                 generator, sample.device)
@@ -239,13 +248,14 @@ def draw_noise_seed(generator: torch.Generator | None, device: torch.device) -> 
     return seed.to(device, non_blocking=True)
 
 
-def _model_outputs(model_output, uncond_output, guidance_scale, b):
-    """(cond, uncond) as (B, per-sample) views; uncond None without guidance."""
+def _model_outputs(model_output, uncond_output, guidance_scale, sample):
+    """(cond, uncond) as (B, M) rows with unit inner stride; uncond None without guidance."""
     if guidance_scale is None:
-        return model_output.reshape(b, -1), None
+        return unit_stride_rows(model_output, sample), None
     if uncond_output is not None:
-        return model_output.reshape(b, -1), uncond_output.reshape(b, -1)
-    rows = model_output.reshape(2 * b, -1)
+        return unit_stride_rows(model_output, sample), unit_stride_rows(uncond_output, sample)
+    rows = unit_stride_rows(model_output, sample)
+    b = sample.shape[0]
     return rows[:b], rows[b:]
 
 
@@ -289,8 +299,8 @@ def _validate(model_output, timestep, sample, alphas_cumprod, num_inference_step
                          f"{dynamic_thresholding_ratio!r}")
     if not sample_max_value >= 1:
         raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value!r}")
-    _validate_timestep(timestep, sample, num_train)
-    _validate_model_output(model_output, sample, guidance_scale, uncond_output, guidance_channels)
+    validate_timestep(timestep, sample, num_train)
+    validate_model_output(model_output, sample, guidance_scale, uncond_output, guidance_channels)
     if variance_noise is not None:
         if not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != sample.shape:
             raise ValueError(f"variance_noise must be a tensor of the sample's shape "
@@ -305,59 +315,6 @@ def _validate(model_output, timestep, sample, alphas_cumprod, num_inference_step
             raise ValueError("give variance_noise or noise_seed, not both")
     if sample.numel() >= 2 ** 31:
         raise ValueError(f"sample must have fewer than 2^31 elements, got {sample.numel()}")
-
-
-def _validate_timestep(timestep, sample, num_train):
-    if isinstance(timestep, torch.Tensor):
-        if timestep.dtype.is_floating_point or timestep.dtype == torch.bool:
-            raise TypeError(f"timestep must be an integer tensor, got {timestep.dtype}")
-        if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] != sample.shape[0]):
-            raise ValueError(f"timestep must be 0-d or (B,) = ({sample.shape[0]},), got shape "
-                             f"{tuple(timestep.shape)}")
-        checkable = timestep.device.type == "cpu" and not torch.compiler.is_compiling()
-        if checkable and timestep.numel():  # without a device sync or a graph break
-            low, high = int(timestep.min()), int(timestep.max())
-            if low < 0 or high >= num_train:
-                raise ValueError(f"timestep must be in [0, {num_train}), got values in "
-                                 f"[{low}, {high}]")
-        return
-    if isinstance(timestep, bool) or not isinstance(timestep, int):
-        raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
-    if not 0 <= timestep < num_train:
-        raise ValueError(f"timestep must be in [0, {num_train}), got {timestep}")
-
-
-def _validate_model_output(model_output, sample, guidance_scale, uncond_output, guidance_channels):
-    b = sample.shape[0]
-    batched = guidance_scale is not None and uncond_output is None
-    want_batch = 2 * b if batched else b
-    if guidance_scale is None and uncond_output is not None:
-        raise ValueError("uncond_output needs guidance_scale")
-    if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
-    outputs = [("model_output", model_output)]
-    if uncond_output is not None:
-        if not isinstance(uncond_output, torch.Tensor):
-            raise TypeError(f"uncond_output must be a torch.Tensor, got {type(uncond_output).__name__}")
-        if uncond_output.shape != model_output.shape or uncond_output.dtype != model_output.dtype:
-            raise ValueError(f"uncond_output must match model_output's shape and dtype, got "
-                             f"{tuple(uncond_output.shape)} {uncond_output.dtype}")
-        outputs.append(("uncond_output", uncond_output))
-    for name, out in outputs:
-        if out.device != sample.device:
-            raise ValueError(f"{name} must be on the sample's device {sample.device}, got {out.device}")
-        ok = (out.dim() == sample.dim() and out.shape[0] == want_batch
-              and out.shape[2:] == sample.shape[2:]
-              and (sample.dim() < 2 or out.shape[1] >= sample.shape[1]))
-        if not ok:
-            what = "2B = [cond; uncond]" if batched else "B"
-            raise ValueError(f"{name} must have shape ({what}, >= C, *spatial) for a sample of "
-                             f"shape {tuple(sample.shape)}, got {tuple(out.shape)}")
-    channels = sample.shape[1] if sample.dim() >= 2 else 1
-    if guidance_channels is not None and not (
-            isinstance(guidance_channels, int) and 0 <= guidance_channels <= channels):
-        raise ValueError(f"guidance_channels must be an int in [0, {channels}], got "
-                         f"{guidance_channels!r}")
 
 
 # --- torch.library registration -----------------------------------------------------------

@@ -9,7 +9,8 @@ Backends: C++ CPU, CUDA, Triton, and the reference. ``auto`` order: on CPU the
 C++ kernel (measured 2-13x the torch bincount + index_add_ + update, see
 benchmarks/bench_ema.py); on CUDA the CUDA kernels, then Triton (both one
 atomic pass over z and a two-launch finalize; CUDA first for its fewer
-launches: provisional, to be confirmed by the GPU benchmark).
+launches: provisional, to be confirmed by the GPU benchmark) once both are
+verified on the GPU, until then Triton first (``vqkernels._dispatch``).
 
 Out-of-range indices: on a CPU tensor they raise ValueError before any state
 is written (the C++ kernel checks while counting; the reference and the Triton
@@ -25,6 +26,7 @@ import torch
 
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.ops._layout import has_overlap
 from vqkernels.reference import ema as reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -179,8 +181,10 @@ def ema_update_(
         smoothed[k] = (n[k] + eps) / (total + K * eps) * total          (Laplace)
         codebook[k] = e[k] / smoothed[k]   (kept as is where smoothed[k] == 0)
 
-    State: ``cluster_size`` (K,) and ``embed_sum`` (K, D) float32, contiguous.
-    ``codebook`` (K, D) float32 or z's dtype, receives the result rounded to
+    State: ``cluster_size`` (K,) and ``embed_sum`` (K, D) float32, in any
+    layout whose elements do not share memory (a non-contiguous buffer is
+    updated through one contiguous copy, written back; an expanded one raises
+    ValueError). ``codebook`` (K, D) float32 or z's dtype, receives the result rounded to
     its dtype. ``z`` (N, D) float32 / float16 / bfloat16 (float64 on CPU) and
     ``indices`` (N,) int64 / int32; or, instead of both, ``stats=(counts (K,),
     sums (K, D))`` float32 (e.g. all-reduced across processes). ``0 <= decay
@@ -205,9 +209,14 @@ def ema_update_(
         device, dtype = cluster_size.device, STATE_DTYPE
         stats = (stats[0].contiguous(), stats[1].contiguous())
     run = DISPATCH.select(backend, device, dtype, codebook_dtype=codebook.dtype).run
+    state = (cluster_size, embed_sum, codebook)
     with torch.no_grad():
-        run(cluster_size, embed_sum, codebook, z, indices, stats, float(decay), float(eps),
+        dense = tuple(x.contiguous() for x in state)  # the kernels write contiguous buffers
+        run(*dense, z, indices, stats, float(decay), float(eps),
             bool(bias_correction), int(step) if bias_correction else 1, bool(deterministic))
+        for x, y in zip(state, dense):
+            if y is not x:
+                x.copy_(y)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -256,8 +265,10 @@ def _check_state(name, x, shape, device):
         raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} must be on cluster_size's device {device}, got {x.device}")
-    if not x.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    if has_overlap(x):
+        raise ValueError(f"{name} must not have elements sharing memory (it is updated in "
+                         f"place), got strides {x.stride()} for shape {tuple(x.shape)}; "
+                         "pass a .clone()")
 
 
 def _validate_update(cluster_size, embed_sum, codebook, z, indices, stats, decay, eps,

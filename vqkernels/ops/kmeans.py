@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vqkernels.ops._layout import has_overlap
 from vqkernels.ops.ema import code_counts_and_sums
 from vqkernels.ops.search import METRICS, nearest_code
 
@@ -74,6 +75,8 @@ def kmeans(
     total, offset = _layout(z, sync)
     if total == 0:
         raise ValueError("z must have at least one row to draw the initial centers from")
+    # One copy of a strided z here, not one per search and per statistics pass.
+    z = z.contiguous()
     if metric == "cosine":
         z = F.normalize(z, dim=1)
     index = _draw(total, num_clusters, generator, z.device, sync, distinct_first=False)
@@ -267,3 +270,8 @@ def _validate_state(codebook, cluster_size, embed_sum) -> None:
         if x.device != codebook.device:
             raise ValueError(f"{name} must be on the codebook's device {codebook.device}, "
                              f"got {x.device}")
+    for name, x in (("codebook", codebook), ("cluster_size", cluster_size),
+                    ("embed_sum", embed_sum)):
+        if has_overlap(x):
+            raise ValueError(f"{name} must not have elements sharing memory (it is updated in "
+                             f"place), got strides {x.stride()} for shape {tuple(x.shape)}")

@@ -8,6 +8,7 @@ BLAS on bounded tiles for large D), CUDA (SIMT fp32, aimed at small D), Triton
 ``auto`` order on CUDA: CUDA for D <= 64 (SIMT FMA wins when a GEMM tile
 would be mostly padding), Triton above. Provisional: set from the FLOP and
 padding count, to be confirmed by the H100 benchmark (benchmarks/bench_search.py).
+Until the CUDA kernel is verified on the GPU, Triton at every D (``vqkernels._dispatch``).
 
 ``nearest_code_with_stats`` is the EMA training step's search: it also
 returns the per-code counts and sums of the rows. Triton computes them in the
@@ -46,7 +47,11 @@ def _auto_cuda_limit(*, dim, **_):
 
 
 def _run_reference(z, codebook, sqnorm, precision):
-    indices, distances = reference.nearest_code(z, codebook)
+    # torch.argmin ranks NaN first; the kernels never choose a code holding a NaN.
+    nan_codes = codebook.isnan().any(1)
+    indices, distances = reference.nearest_code(
+        z, codebook.masked_fill(nan_codes[:, None], float("inf")))
+    distances = distances.masked_fill(nan_codes[indices], float("nan"))
     return indices, distances.float() if z.dtype != torch.float64 else distances
 
 
@@ -126,9 +131,11 @@ def nearest_code_with_stats(
     chosen = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1])
     z, codebook = z.contiguous(), codebook.contiguous()
     if chosen.name == "triton" and not deterministic:
-        return torch.ops.vqkernels.nearest_code_with_stats_triton(z, codebook, _sqnorm(codebook),
-                                                                  precision)
+        indices, distances, counts, sums = torch.ops.vqkernels.nearest_code_with_stats_triton(
+            z, codebook, _sqnorm(codebook), precision)
+        return _code_0_where_not_finite(indices, distances), distances, counts, sums
     indices, distances = chosen.run(z, codebook, _sqnorm(codebook), precision)
+    indices = _code_0_where_not_finite(indices, distances)
     counts, sums = code_counts_and_sums(z, indices, codebook.shape[0],
                                         deterministic=deterministic, backend=chosen.name)
     return indices, distances, counts, sums
@@ -136,7 +143,17 @@ def nearest_code_with_stats(
 
 def _nearest_code_l2(z, codebook, precision, backend):
     run = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1]).run
-    return run(z.contiguous(), codebook.contiguous(), _sqnorm(codebook), precision)
+    indices, distances = run(z.contiguous(), codebook.contiguous(), _sqnorm(codebook), precision)
+    return _code_0_where_not_finite(indices, distances), distances
+
+
+def _code_0_where_not_finite(indices, distances):
+    """Index 0 for the rows with no finite distance (NaN or inf in z, or no finite code).
+
+    Every distance of such a row is NaN or inf: a tie, which goes to the
+    lowest index; a kernel's score |e|^2 - 2 z.e may rank another code first.
+    """
+    return indices.masked_fill(~torch.isfinite(distances), 0)
 
 
 def _nearest_code_cosine(z, codebook, precision, backend):

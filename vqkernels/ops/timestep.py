@@ -2,7 +2,8 @@
 
 Backends (one launch each): C++ CPU, CUDA, Triton, and the PyTorch reference.
 ``auto`` order: on CUDA the CUDA kernel, then Triton (both are one store-bound
-launch, but the CUDA one has the smaller launch overhead); on CPU the C++
+launch, but the CUDA one has the smaller launch overhead) once both are
+verified on the GPU, until then Triton first (``vqkernels._dispatch``); on CPU the C++
 kernel (one pass instead of the reference's ~8 elementwise ops).
 """
 from __future__ import annotations
@@ -70,7 +71,7 @@ def timestep_embedding(
     dtype = torch.float32 if dtype is None else dtype
     _validate(t, dim, max_period, downscale_freq_shift, scale, dtype)
     run = DISPATCH.select(backend, t.device, t.dtype).run
-    return run(t, dim, float(max_period), bool(flip_sin_to_cos), float(downscale_freq_shift),
+    return run(t.contiguous(), dim, float(max_period), bool(flip_sin_to_cos), float(downscale_freq_shift),
                float(scale), dtype)
 
 

@@ -18,7 +18,9 @@ def _philox_normal(seed, offsets):
     w0, w1, _, _ = tl.randint4x(seed, offsets)
     scale: tl.constexpr = 4.6566127342e-10
     v0, v1 = w0.to(tl.int32, bitcast=True), w1.to(tl.int32, bitcast=True)
-    u0 = tl.maximum(tl.where(v0 < 0, ~v0, v0).to(tl.float32) * scale, 1.0e-7)
+    # Never NaN; NaN-keeping max only so the kernel holds no plain max.f32 (see the sm_90 test).
+    u0 = tl.maximum(tl.where(v0 < 0, ~v0, v0).to(tl.float32) * scale, 1.0e-7,
+                    propagate_nan=tl.PropagateNan.ALL)
     u1 = tl.where(v1 < 0, ~v1, v1).to(tl.float32) * scale
     return tl.sqrt_rn(-2.0 * _math.log(u0)) * _math.cos(6.283185307179586 * u1)
 

@@ -206,6 +206,8 @@ def _nearest_code_kernel(
             best, best_idx = _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best,
                                         best_idx, D, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
 
+    # A row with no finite score (inf or NaN in z) takes code 0 (docs/NUMERICS.md).
+    best_idx = tl.where((best > float("-inf")) & (best < float("inf")), best_idx, 0)
     # The score's expansion cancels when z is close to its code: recompute the
     # winner's distance directly.
     best_rows = e_ptr + best_idx.to(tl.int64)[:, None] * D

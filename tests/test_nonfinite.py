@@ -1,0 +1,197 @@
+"""NaN and Inf inputs: every backend that runs here returns what docs/NUMERICS.md's table says."""
+import os
+
+import pytest
+import torch
+
+from vqkernels import _ext, ops
+from vqkernels.reference import ddim as ref_ddim
+
+NAN, INF = float("nan"), float("inf")
+BACKENDS = ["reference"] + (["cpu"] if _ext._C is not None else []) + [
+    pytest.param("triton", marks=pytest.mark.interpreter)]
+CODES = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+TABLE = ref_ddim.alphas_cumprod(ref_ddim.betas_for_schedule())
+
+
+def same_nan(got, want):
+    """Equal where ``want`` is finite or inf, NaN exactly where ``want`` is NaN."""
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_code_rows_without_finite_distance_get_code_0(backend):
+    z = torch.tensor([[NAN, 0.0], [0.9, 1.1], [INF, 0.0], [-INF, 0.0], [INF, INF], [2.1, 2.0]])
+    indices, distances = ops.nearest_code(z, CODES, backend=backend)
+    assert indices.tolist() == [0, 1, 0, 0, 0, 2]
+    assert distances[0].isnan() and not distances[2:5].isfinite().any()
+    assert distances[[1, 5]].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_code_never_picks_a_nan_code(backend):
+    codes = torch.tensor([[NAN, 0.0], [1.0, 1.0], [INF, 2.0], [2.0, 2.0]])
+    z = torch.tensor([[0.9, 1.1], [2.1, 2.0], [0.0, 0.0]])
+    indices, distances = ops.nearest_code(z, codes, backend=backend)
+    assert indices.tolist() == [1, 3, 1] and distances.isfinite().all()
+    all_nan = torch.full((3, 2), NAN)
+    indices, distances = ops.nearest_code(z, all_nan, backend=backend)
+    assert indices.tolist() == [0, 0, 0] and distances.isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosine_search_of_non_finite_rows(backend):
+    z = torch.tensor([[NAN, 1.0], [INF, 0.0], [1.0, 0.1]])
+    indices, distances = ops.nearest_code(z, CODES + 0.5, metric="cosine", backend=backend)
+    assert indices[:2].tolist() == [0, 0] and distances[:2].isnan().all()
+    assert distances[2].isfinite()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vector_quantize_propagates_nan(backend):
+    z = torch.tensor([[NAN, 0.0], [0.9, 1.1]])
+    z_q, loss, indices = ops.vector_quantize(z, CODES, backend=backend)
+    assert indices.tolist() == [0, 1] and loss.isnan()
+    same_nan(z_q, torch.tensor([[NAN, 0.0], [1.0, 1.0]]))  # z + sg(zq - z) per element
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [NAN, INF], ids=["nan", "inf"])
+def test_statistics_of_non_finite_rows(backend, bad):
+    z = torch.tensor([[bad, 0.0], [0.9, 1.1], [2.1, 2.0]])
+    counts, sums = ops.code_counts_and_sums(z, torch.tensor([0, 1, 2]), 3, backend=backend)
+    assert counts.tolist() == [1, 1, 1]
+    same_nan(sums, z)
+    indices, _, counts, sums = ops.nearest_code_with_stats(z, CODES, deterministic=True,
+                                                           backend=backend)
+    assert indices.tolist() == [0, 1, 2] and counts.tolist() == [1, 1, 1]
+    same_nan(sums, z)
+
+
+@pytest.mark.interpreter
+def test_fused_triton_statistics_of_an_inf_row():
+    z = torch.tensor([[INF, 0.0], [0.9, 1.1], [2.1, 2.0]])
+    indices, _, counts, sums = ops.nearest_code_with_stats(z, CODES, backend="triton")
+    assert indices.tolist() == [0, 1, 2] and counts.tolist() == [1, 1, 1]
+    same_nan(sums, z)
+
+
+def ema_state():
+    return torch.ones(3), torch.zeros(3, 2), torch.zeros(3, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [NAN, INF], ids=["nan", "inf"])
+def test_ema_update_with_a_non_finite_row(backend, bad):
+    z = torch.tensor([[bad, 0.0], [1.0, 1.0]])
+    cluster_size, embed_sum, codebook = ema_state()
+    ops.ema_update_(cluster_size, embed_sum, codebook, z, torch.tensor([0, 1]), decay=0.9,
+                    backend=backend)
+    same_nan(cluster_size, torch.tensor([1.0, 1.0, 0.9]))
+    same_nan(embed_sum, torch.tensor([[bad, 0.0], [0.1, 0.1], [0.0, 0.0]]))
+    same_nan(codebook[0], torch.tensor([bad, 0.0]))
+    assert codebook[1:].isfinite().all() and (codebook[1] > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ema_update_with_nan_counts_keeps_the_codebook(backend):
+    cluster_size, embed_sum, codebook = ema_state()
+    codebook += 3.0
+    sums = torch.ones(3, 2)
+    ops.ema_update_(cluster_size, embed_sum, codebook, stats=(torch.tensor([NAN, 1.0, 0.0]), sums),
+                    decay=0.9, backend=backend)
+    assert cluster_size[0].isnan() and cluster_size[1:].tolist() == pytest.approx([1.0, 0.9])
+    same_nan(embed_sum, torch.full((3, 2), 0.1))
+    assert torch.equal(codebook, torch.full((3, 2), 3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_nan_row_poisons_one_center(backend):
+    z = torch.tensor([[NAN, 0.0], [0.9, 1.1], [2.1, 2.0], [0.1, 0.0], [1.0, 0.9]])
+    centers, counts = ops.kmeans(z, 2, 3, generator=torch.Generator().manual_seed(0),
+                                 backend=backend)
+    assert centers.isnan().any() and counts.sum() == 5  # propagated, not dropped
+
+
+def test_replace_dead_codes_nan_cluster_size_is_alive():
+    codebook, cluster_size, embed_sum = torch.zeros(3, 2), torch.tensor([NAN, 0.0, 5.0]), \
+        torch.zeros(3, 2)
+    z = torch.tensor([[INF, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    restarted = ops.replace_dead_codes_(codebook, cluster_size, embed_sum, z, 1.0,
+                                        generator=torch.Generator().manual_seed(0))
+    assert restarted.tolist() == [False, True, False]
+    assert cluster_size[0].isnan() and bool((codebook[1] != 0).all())
+
+
+def attention_rows(backend, q, k, v):
+    return ops.attention(q[None, None], k[None, None], v[None, None], backend=backend)[0, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_propagates_nan(backend):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, generator=gen) for _ in range(3))
+    q_nan = q.clone()
+    q_nan[0, 1] = NAN
+    out = attention_rows(backend, q_nan, k, v)
+    assert out[0].isnan().all() and out[1:].isfinite().all()
+    k_nan = k.clone()
+    k_nan[2, 0] = NAN
+    assert attention_rows(backend, q, k_nan, v).isnan().all()
+    v_nan = v.clone()
+    v_nan[1, 3] = NAN
+    out = attention_rows(backend, q, k, v_nan)
+    assert out[:, 3].isnan().all() and out[:, :3].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_infinite_logits(backend):
+    k = torch.tensor([[INF, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    v = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 1.0]])
+    out = attention_rows(backend, q, k, v)
+    assert out[0].isnan().all()  # logit +inf: inf - inf
+    same_nan(out[1], v[1:].mean(0))  # key 0 at -inf gets weight 0
+    assert out[2].isfinite().all()
+    all_neg = attention_rows(backend, q[1:2], torch.full((3, 2), INF), v)
+    assert all_neg.isnan().all()  # every logit -inf: 0 / 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timestep_embedding_of_non_finite_t(backend):
+    t = torch.tensor([NAN, INF, -INF, 5.0])
+    out = ops.timestep_embedding(t, 5, backend=backend)
+    assert out[:3, :4].isnan().all() and (out[:, 4] == 0).all() and out[3].isfinite().all()
+
+
+def step(backend, model_output, sample, **kw):
+    return ops.ddim_step(model_output, 500, sample, TABLE, num_inference_steps=10,
+                         backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddim_step_non_finite_elements(backend):
+    bad = torch.tensor([[NAN, INF, -INF, 0.5]])
+    ones = torch.ones(1, 4)
+    prev, x0 = step(backend, bad, ones)
+    assert prev[0, :3].isnan().all() and prev[0, 3].isfinite()
+    assert x0[0, 0].isnan() and x0[0, 1:].tolist()[:2] == [-INF, INF]
+    prev, x0 = step(backend, bad, ones, clip_sample=True)
+    assert x0[0, 0].isnan() and x0[0, 1:3].tolist() == [-1.0, 1.0]
+    assert prev[0, 0].isnan() and prev[0, 1:3].tolist() == [INF, -INF]
+    prev, x0 = step(backend, ones, bad, clip_sample=True)
+    assert prev[0, 0].isnan() and x0[0, 0].isnan() and prev[0, 1:].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddim_thresholding_nan_poisons_its_sample(backend):
+    model_output = torch.tensor([[NAN, 0.5, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    prev, x0 = step(backend, model_output, torch.ones(2, 4), thresholding=True)
+    assert prev[0].isnan().all() and x0[0].isnan().all()
+    assert prev[1].isfinite().all() and x0[1].isfinite().all()
+
+
+def test_table_lists_every_op():
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "NUMERICS.md")).read()
+    for op in ops.__all__:
+        assert f"`{op}" in text, op
