@@ -1,4 +1,4 @@
-"""``python -m vqkernels info | bench`` run as a user would, in a subprocess."""
+"""``python -m vqkernels info | selftest | bench`` run as a user would, in a subprocess."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,9 @@ import vqkernels
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 META_KEYS = {"device", "versions", "extension", "date", "host", "ceilings", "rows"}
 ROW_KEYS = {"op", "shape", "backend", "time_us", "speedup", "bytes", "flops", "achieved",
-            "achieved_unit", "floor_us", "ceiling_pct", "x_from_floor", "peak_mib"}
+            "achieved_unit", "floor_us", "ceiling_pct", "x_from_floor", "peak_mib",
+            "working_set", "flop_dtype", "memory_level", "ceiling_problem",
+            "measured_ceiling_pct", "measured_ceiling_problem"}
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -52,6 +54,47 @@ def test_info_json(tmp_path):
     assert "cpu" in data["ops"]["timestep_embedding"]
 
 
+PUBLIC_OPS = ("timestep_embedding", "nearest_code", "vector_quantize", "nearest_code_with_stats",
+              "code_counts_and_sums", "ema_update_", "attention", "ddim_step")
+
+
+def test_info_shows_every_public_op_and_its_gpu_status(tmp_path):
+    out = _ok(_cli("info", cwd=tmp_path)).stdout
+    for op in PUBLIC_OPS:
+        assert any(line.startswith(op) and " on cpu: auto -> " in line
+                   for line in out.splitlines()), f"no {op} line in:\n{out}"
+        status = next(line for line in out.splitlines() if line.strip().startswith(f"{op}: "))
+        assert "cuda: " in status and "triton on cuda: " in status, status
+    assert "not yet run on a GPU" in out or "verified on" in out, out
+
+
+def test_info_json_gpu_status(tmp_path):
+    data = json.loads(_ok(_cli("info", "--json", cwd=tmp_path)).stdout)
+    assert set(data["gpu_status"]) == set(PUBLIC_OPS), sorted(data["gpu_status"])
+    for op, statuses in data["gpu_status"].items():
+        assert set(statuses) == {"cuda", "triton"}, (op, statuses)
+        assert all(s == "not yet run on a GPU" or s.startswith("verified on ")
+                   for s in statuses.values()), (op, statuses)
+
+
+def test_selftest_command_writes_rows_and_exits_0(tmp_path):
+    result = _ok(_cli("selftest", "--device", "cpu", "--ops", "timestep_embedding", "ddim_step",
+                      "--json", str(tmp_path / "selftest.json"), cwd=tmp_path))
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["op", "backend", "dtype", "what"], result.stdout
+    assert "checks, all passed in" in lines[-2], result.stdout
+    data = json.loads((tmp_path / "selftest.json").read_text())
+    assert {row["op"] for row in data["rows"]} == {"timestep_embedding", "ddim_step"}
+    assert data["passed"] and data["device_type"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_selftest_cuda_without_gpu_exits_2(tmp_path):
+    result = _cli("selftest", "--device", "cuda", cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "no CUDA GPU" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_bench_table_has_timestep_rows(quick_bench):
     stdout = quick_bench[0].stdout
     for backend in ("reference", "cpu"):
@@ -68,6 +111,16 @@ def test_bench_json(quick_bench):
         assert ROW_KEYS <= row.keys(), f"row lacks {ROW_KEYS - row.keys()}: {row}"
         assert row["time_us"] > 0 and row["speedup"] > 0, row
     assert {row["backend"] for row in data["rows"]} >= {"reference", "cpu"}
+
+
+def test_bench_never_reports_over_100_percent_of_a_ceiling(quick_bench):
+    data = json.loads((quick_bench[1] / "bench.json").read_text())
+    for row in data["rows"]:
+        assert row["ceiling_pct"] is None or 0 < row["ceiling_pct"] <= 100, row
+        assert (row["ceiling_pct"] is None) or not row["ceiling_problem"], row
+    ceilings = data["ceilings"]
+    assert ceilings["source"] == "measured" and ceilings["flops"]["fp32"] > 0
+    assert all(level["bytes"] > 0 for level in ceilings["levels"]), ceilings
 
 
 def test_bench_covers_every_op_family(quick_bench):

@@ -5,7 +5,9 @@ run on the same freshly drawn random inputs; the ``"reference"`` entry (the
 pure-PyTorch spec) is the baseline of every speed-up. ``bytes`` is the least
 memory traffic the op can do (each input read once, each output written once)
 and ``flops`` its arithmetic; the runner turns them into achieved GB/s or
-TFLOP/s and into a floor time on the device.
+TFLOP/s and into a floor time on the device. ``working_set`` (default
+``bytes``) is how much data one call keeps live: it picks the memory level
+(cache or DRAM) whose bandwidth the floor uses, where a case rereads its data.
 
 Each op family has a module with ``cases(device, quick) -> list[Case]``;
 adding a family is one line in ``OP_MODULES``.
@@ -41,6 +43,12 @@ class Case:
     bytes: int  # minimum bytes moved: inputs read once + outputs written once
     flops: int = 0  # floating-point operations (0: not a compute-bound op)
     flop_dtype: str = "fp32"  # which FLOP/s ceiling applies: "fp32", "tf32" or "bf16"
+    working_set: int | None = None  # bytes live during one call; None: ``bytes``
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes one call keeps live: ``working_set``, else ``bytes``."""
+        return self.bytes if self.working_set is None else self.working_set
 
     @property
     def label(self) -> str:

@@ -13,7 +13,8 @@
   model (so the time is the loop's own: steps, launches, Python), eager and,
   on CUDA, replaying its CUDA graph (captured once, before timing); the
   "reference" row is the plain-PyTorch loop. Bytes: 50 times a step's
-  (x_t, the 2B-row output, x_prev), not counting the model's concatenation.
+  (x_t, the 2B-row output, x_prev), not counting the model's concatenation;
+  working set: one step's (the loop rereads the same latents every step).
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def _loop_case(device, shape, guided) -> Case:
             fns[f"{name}-graph"] = functools.partial(graph, progress=False)
     sample_bytes = torch.Size(shape).numel() * 4
     return Case(op="ddim", shape=f"loop{NUM_STEPS}-{_label(shape, torch.float32, guided)}",
-                fns=fns, bytes=NUM_STEPS * 4 * sample_bytes)
+                fns=fns, bytes=NUM_STEPS * 4 * sample_bytes, working_set=4 * sample_bytes)
 
 
 def _label(shape, dtype, guided) -> str:

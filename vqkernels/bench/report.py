@@ -2,11 +2,20 @@
 
 JSON keys: ``device`` (name), ``versions`` (python, torch, triton, vqkernels),
 ``extension`` (``vqkernels._ext.build_info()``), ``date`` (ISO 8601, UTC),
-``host``, ``ceilings`` (bandwidth B/s, FLOP/s per dtype, their source),
-``quick``, ``triton_interpret`` and ``rows``: one per (op, shape, backend) with
-``time_us``, ``speedup`` (reference time / this time), ``bytes``, ``flops``,
-``bound``, ``achieved`` + ``achieved_unit``, ``floor_us``, ``ceiling_pct``,
-``x_from_floor`` and ``peak_mib`` (null when it could not be measured).
+``host``, ``ceilings`` (``vqkernels.bench.ceilings``: ``bandwidth`` B/s of
+``memory``, ``levels`` of cache above it, ``flops`` per dtype, their
+``source``, and on a GPU ``measured``: copy bandwidth and GEMM FLOP/s measured
+at start), ``quick``, ``triton_interpret`` and ``rows``: one per (op, shape,
+backend) with ``time_us``, ``speedup`` (reference time / this time),
+``bytes``, ``working_set``, ``flops``, ``flop_dtype``, ``bound``,
+``memory_level``, ``achieved`` + ``achieved_unit``, ``floor_us``,
+``ceiling_pct``, ``x_from_floor``, ``ceiling_problem`` (why a time under its
+floor got no percentage), ``measured_ceiling_pct`` + ``measured_ceiling_problem``
+(against the ceilings measured at start; null off GPUs in the table) and
+``peak_mib`` (null when it could not be measured).
+
+``python -m vqkernels.bench.report BENCH_JSON PNG`` plots a saved run again
+(e.g. one from a machine without matplotlib).
 """
 from __future__ import annotations
 
@@ -15,14 +24,17 @@ import json
 import os
 import platform
 import socket
+import sys
 
 import torch
 
 from vqkernels import _ext
 from vqkernels._version import __version__
+from vqkernels.bench.cases import REFERENCE as REFERENCE_BACKEND
 
-_COLUMNS = ("op", "shape", "backend", "time us", "vs ref", "achieved", "% ceil", "x floor",
-            "peak MiB")
+_COLUMNS = ("op", "shape", "backend", "time us", "vs ref", "achieved", "limit", "% ceil",
+            "x floor", "peak MiB")
+_BAR_INCHES = 0.27  # height of one bar's slot in the plot: 8-point labels stay apart
 
 
 def metadata(ceilings: dict, quick: bool) -> dict:
@@ -49,28 +61,77 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _cells(row: dict) -> tuple[str, ...]:
-    return (row["op"], row["shape"], row["backend"], _fmt(row["time_us"], ".1f"),
-            _fmt(row["speedup"], ".3g") + ("x" if row["speedup"] is not None else ""),
-            f"{row['achieved']:.3g} {row['achieved_unit']}", _fmt(row["ceiling_pct"], ".1f"),
-            _fmt(row["x_from_floor"], ".1f"), _fmt(row["peak_mib"], ".2f"))
+def _pct(row: dict, key: str) -> str:
+    """A percentage cell; "ceil!" where the time beat the floor (a ceiling measured too low)."""
+    if row.get(key.replace("_pct", "_problem")):
+        return "ceil!"
+    return _fmt(row.get(key), ".1f")
+
+
+def _limit(row: dict) -> str:
+    """What the floor is set by: a FLOP/s dtype, a memory level, or a level that is in cache."""
+    if row.get("bound") == "compute":
+        return row.get("flop_dtype", "compute")
+    level = row.get("memory_level", "memory")
+    return f"{level} cache" if row.get("floor_us") is None else level
+
+
+def _cells(row: dict, measured: bool) -> tuple[str, ...]:
+    cells = (row["op"], row["shape"], row["backend"], _fmt(row["time_us"], ".1f"),
+             _fmt(row["speedup"], ".3g") + ("x" if row["speedup"] is not None else ""),
+             f"{row['achieved']:.3g} {row['achieved_unit']}", _limit(row),
+             _pct(row, "ceiling_pct"))
+    if measured:
+        cells += (_pct(row, "measured_ceiling_pct"),)
+    return cells + (_fmt(row["x_from_floor"], ".1f"), _fmt(row["peak_mib"], ".2f"))
 
 
 def format_table(rows: list[dict], meta: dict) -> str:
-    """Aligned text table plus the ceilings it is judged against."""
-    cells = [_COLUMNS] + [_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
+    """Aligned text table, the ceilings it is judged against, and any ceiling problems."""
+    measured = "measured" in meta["ceilings"]
+    columns = _COLUMNS[:8] + (("% meas",) if measured else ()) + _COLUMNS[8:]
+    cells = [columns] + [_cells(row, measured) for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(w) if i > 2 else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(line, widths))) for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    ceil = meta["ceilings"]
-    copy = f"copy {ceil['bandwidth'] / 1e9:.1f} GB/s" if ceil.get("bandwidth") else "copy unknown"
-    flops = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceil["flops"].items() if v)
-    lines += ["", f"device: {meta['device']}",
-              f"ceilings ({ceil['source']}): {copy}; {flops or 'FLOP/s unknown'}",
-              "floor = bytes / bandwidth (or flops / peak when larger); "
-              "% ceil = floor / time; x floor = time / floor"]
+    lines += ["", f"device: {meta['device']}"] + describe_ceilings(meta["ceilings"])
+    lines.append("floor = bytes / bandwidth of the memory level the working set fits in (or "
+                 "flops / peak when larger); % ceil = floor / time; x floor = time / floor")
+    lines += [f"ceil! {row['op']} {row['shape']} {row['backend']}: {problem}"
+              for row in rows for problem in (row.get("ceiling_problem"),
+                                              row.get("measured_ceiling_problem")) if problem]
     return "\n".join(lines)
+
+
+def describe_ceilings(ceilings: dict) -> list[str]:
+    """One line for the ceilings the table uses, one for those measured at start (GPU)."""
+    lines = [f"ceilings ({ceilings['source']}): {_bandwidths(ceilings)}; {_flops(ceilings)}"]
+    if ceilings.get("measured"):
+        measured = ceilings["measured"]
+        lines.append(f"measured at start (% meas): {ceilings.get('memory', 'memory')} "
+                     f"{_gbs(measured.get('bandwidth'))}; {_flops(measured)}")
+    return lines
+
+
+def _gbs(bandwidth: float | None) -> str:
+    return "copy unknown" if not bandwidth else f"copy {bandwidth / 1e9:.1f} GB/s"
+
+
+def _bandwidths(ceilings: dict) -> str:
+    parts = []
+    for level in ceilings.get("levels", ()):
+        size = f"{level['name']} ({level['bytes'] / 2**20:.3g} MiB)"
+        parts.append(f"{size} {_gbs(level['bandwidth'])}" if level["bandwidth"]
+                     else f"{size} in cache: no bandwidth floor")
+    parts.append(f"{ceilings.get('memory', 'memory')} {_gbs(ceilings.get('bandwidth'))}")
+    return ", ".join(parts)
+
+
+def _flops(ceilings: dict) -> str:
+    flops = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceilings.get("flops", {}).items()
+                      if v)
+    return flops or "FLOP/s unknown"
 
 
 def write_json(path: str, rows: list[dict], meta: dict) -> None:
@@ -80,31 +141,94 @@ def write_json(path: str, rows: list[dict], meta: dict) -> None:
 
 
 def write_plot(path: str, rows: list[dict], meta: dict) -> bool:
-    """Bar chart of speed-up vs reference per case and backend; False without matplotlib."""
+    """Horizontal bar chart of speed-ups; False without matplotlib.
+
+    One bar per (case, backend) that has a speed-up, grouped by op family,
+    drawn from 1x (the reference, left out) on a log axis and labelled with
+    its value; one colour per backend.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = list(dict.fromkeys(f"{r['op']}\n{r['shape']}" for r in rows))
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
-    width = 0.8 / max(len(backends), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(labels)), 4), layout="constrained")
-    for i, backend in enumerate(backends):
-        speedups = {f"{r['op']}\n{r['shape']}": r["speedup"] for r in rows
-                    if r["backend"] == backend}
-        xs = [j + (i - (len(backends) - 1) / 2) * width for j in range(len(labels))]
-        bars = ax.bar(xs, [speedups.get(label) or float("nan") for label in labels], width,
-                      label=backend)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
-    ax.set_yscale("log")  # speed-ups span decades (interpreter rows, GPU kernels)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.margins(y=0.15)  # room for the bar labels
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_ylabel("speed-up vs reference (x)")
-    ax.set_title(f"vqkernels {meta['versions']['vqkernels']} on {meta['device']}", fontsize=9)
-    ax.legend()
-    fig.savefig(path, dpi=120)
+    slots = _plot_slots(rows)
+    bars = [row for row in slots if isinstance(row, dict)]
+    backends = list(dict.fromkeys(row["backend"] for row in bars))
+    colours = {b: plt.get_cmap("tab10" if len(backends) <= 10 else "tab20")(i)
+               for i, b in enumerate(backends)}
+    fig, ax = plt.subplots(figsize=(10, 1.4 + _BAR_INCHES * len(slots)), layout="constrained")
+    for y, row in enumerate(slots):
+        if isinstance(row, str):  # an op family's heading
+            ax.text(0.0, y, row, transform=ax.get_yaxis_transform(), ha="right", va="center",
+                    fontsize=9, fontweight="bold")
+            continue
+        speedup = row["speedup"]
+        ax.barh(y, speedup - 1, left=1, height=0.7, color=colours[row["backend"]])
+        ax.text(speedup, y, f" {speedup:.3g}x ", va="center", fontsize=7,
+                ha="left" if speedup >= 1 else "right")
+    _decorate(ax, slots, colours, meta)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _plot_slots(rows: list[dict]) -> list:
+    """Top to bottom: each op family's name, then its non-reference rows with a speed-up."""
+    slots = []
+    for op in dict.fromkeys(row["op"] for row in rows):
+        bars = [row for row in rows if row["op"] == op and row["backend"] != REFERENCE_BACKEND
+                and row["speedup"]]
+        if bars:
+            slots += [op] + bars
+    return slots
+
+
+def _decorate(ax, slots: list, colours: dict, meta: dict) -> None:
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter
+
+    bars = [(y, row) for y, row in enumerate(slots) if isinstance(row, dict)]
+    ax.set_yticks([y for y, _ in bars], [f"{row['shape']}  {row['backend']}" for _, row in bars],
+                  fontsize=7)
+    ax.set_ylim(len(slots) - 0.4, -0.6)  # first row on top
+    ax.set_xscale("log")  # speed-ups span decades (interpreter rows, GPU kernels)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+    speedups = [row["speedup"] for _, row in bars] or [1.0]
+    ax.set_xlim(min(0.5, min(speedups) / 3), max(2.0, max(speedups) * 3))  # room for labels
+    ax.axvline(1.0, color="black", linewidth=0.9)
+    ax.grid(axis="x", which="major", linewidth=0.3)
+    ax.set_xlabel("speed-up vs the PyTorch reference (log scale; the line at 1x is the reference)")
+    version = meta.get("versions", {}).get("vqkernels", "")
+    title = f"vqkernels {version}".rstrip() + f" on {meta.get('device', 'an unknown device')}"
+    title += f", {meta['date'][:10]}" if meta.get("date") else ""
+    ax.set_title(title + (" (quick)" if meta.get("quick") else ""), fontsize=9)
+    ax.legend(handles=[Patch(color=c, label=b) for b, c in colours.items()], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), title="backend", title_fontsize=7)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vqkernels.bench.report BENCH_JSON PNG``: plot a saved run again."""
+    if len(argv if argv is not None else sys.argv[1:]) != 2:
+        print("usage: python -m vqkernels.bench.report BENCH_JSON PNG", file=sys.stderr)
+        return 2
+    source, target = argv if argv is not None else sys.argv[1:]
+    try:
+        with open(source) as saved:
+            meta = json.load(saved)
+    except (OSError, ValueError) as error:
+        print(f"cannot read {source} as bench JSON: {error}", file=sys.stderr)
+        return 1
+    if not isinstance(meta, dict) or not meta.get("rows"):
+        print(f"{source} has no rows to plot", file=sys.stderr)
+        return 1
+    if not write_plot(target, meta.pop("rows"), meta):
+        print("matplotlib is not installed: pip install matplotlib", file=sys.stderr)
+        return 1
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,61 +9,22 @@ Measured per callable, after one warm-up call (JIT compilation, page faults):
   before it (output included). CUDA: ``torch.cuda.max_memory_allocated``; CPU:
   the running sum of the profiler's allocation/free events; None if unknown;
 - the floor: ``bytes / bandwidth`` or ``flops / peak FLOP/s``, whichever is
-  longer, with GPU ceilings from ``GPU_CEILINGS`` and CPU ones measured here.
+  longer, with the bandwidth of the memory level the case's working set fits in
+  and the ceilings of ``vqkernels.bench.ceilings`` (``GPU_CEILINGS`` for known
+  GPUs, measured on CPUs). A time under its floor means the ceiling was
+  measured too low: ``judge`` reports that instead of a percentage over 100.
 """
 from __future__ import annotations
 
 import os
-import platform
 import time
 from typing import Callable
 
 import torch
 
 from vqkernels.bench.cases import REFERENCE, Case
-
-# Measured ceilings, keyed by a substring of torch.cuda.get_device_name().
-GPU_CEILINGS = {
-    "H100": {"bandwidth": 3.0e12, "flops": {"bf16": 700e12, "tf32": 370e12, "fp32": 51e12}},
-}
-_COPY_BYTES = 256 * 2**20
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def device_ceilings(device: torch.device) -> dict:
-    """Bandwidth (B/s) and peak FLOP/s per dtype: the table for known GPUs, else measured."""
-    name = device_name(device)
-    for key, ceilings in GPU_CEILINGS.items():
-        if device.type == "cuda" and key in name:
-            return {"device": name, "source": f"table ({key})", **ceilings}
-    return {"device": name, "source": "measured", "bandwidth": measure_copy_bandwidth(device),
-            "flops": {"fp32": measure_matmul_flops(device)}}
-
-
-def measure_copy_bandwidth(device: torch.device) -> float:
-    """B/s of a 256 MiB tensor copy (read + write counted), best of a few."""
-    src = torch.full((_COPY_BYTES // 4,), 1.5, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_seconds(lambda: dst.copy_(src), device, quick=True, repeat_best=True)
-    return 2 * _COPY_BYTES / seconds
-
-
-def measure_matmul_flops(device: torch.device, n: int = 1024) -> float:
-    """FLOP/s of an n x n x n float32 matmul, best of a few."""
-    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
-    seconds = time_seconds(lambda: a @ b, device, quick=True, repeat_best=True)
-    return 2 * n**3 / seconds
+from vqkernels.bench.ceilings import (GPU_CEILINGS, device_ceilings,  # noqa: F401 (re-exported)
+                                      device_name)
 
 
 def time_seconds(fn: Callable, device: torch.device, quick: bool,
@@ -143,23 +104,67 @@ def _cpu_peak_memory_bytes(fn: Callable) -> int | None:
     return peak if events else None
 
 
+def memory_level(case: Case, ceilings: dict) -> tuple[str, float | None]:
+    """The memory level ``case``'s working set fits in, and its bandwidth (None: in cache)."""
+    for level in ceilings.get("levels", ()):
+        if case.resident_bytes <= level["bytes"]:
+            return level["name"], level["bandwidth"]
+    return ceilings.get("memory", "memory"), ceilings.get("bandwidth")
+
+
 def judge(case: Case, seconds: float, ceilings: dict) -> dict:
-    """Achieved throughput and distance from the floor time of ``case`` at ``seconds``."""
-    memory_floor = case.bytes / ceilings["bandwidth"] if ceilings.get("bandwidth") else None
-    peak_flops = ceilings.get("flops", {}).get(case.flop_dtype)
-    compute_floor = case.flops / peak_flops if peak_flops and case.flops else None
-    compute_bound = compute_floor is not None and (memory_floor is None
-                                                   or compute_floor > memory_floor)
-    floor = compute_floor if compute_bound else memory_floor
-    achieved = case.flops / seconds / 1e12 if compute_bound else case.bytes / seconds / 1e9
-    return {
-        "bound": "compute" if compute_bound else "memory",
-        "achieved": achieved,
+    """Achieved throughput and distance from the floor time of ``case`` at ``seconds``.
+
+    The floor is the longer of ``bytes / bandwidth`` (of the level the working
+    set fits in) and ``flops / peak``; ``ceiling_pct`` is ``100 * floor / time``.
+    A time under the floor would be over 100%: the ceiling was measured too low,
+    so ``ceiling_pct`` is None and ``ceiling_problem`` says why. On a GPU in
+    ``GPU_CEILINGS`` the same is done against the ceilings measured at start
+    (``measured_*``).
+    """
+    level, bandwidth = memory_level(case, ceilings)
+    floor, bound, what = _floor(case, bandwidth, ceilings.get("flops", {}), level)
+    pct, problem = _percent(floor, seconds, what)
+    compute_bound = bound == "compute"
+    verdict = {
+        "bound": bound,
+        "memory_level": level,
+        "achieved": case.flops / seconds / 1e12 if compute_bound else case.bytes / seconds / 1e9,
         "achieved_unit": "TFLOP/s" if compute_bound else "GB/s",
         "floor_us": floor * 1e6 if floor is not None else None,
-        "ceiling_pct": 100 * floor / seconds if floor is not None else None,
-        "x_from_floor": seconds / floor if floor else None,
+        "ceiling_pct": pct,
+        "x_from_floor": seconds / floor if pct is not None else None,
+        "ceiling_problem": problem,
+        "measured_ceiling_pct": None,
+        "measured_ceiling_problem": None,
     }
+    measured = ceilings.get("measured")
+    if measured:
+        floor, _, what = _floor(case, measured.get("bandwidth"), measured.get("flops", {}), level)
+        verdict["measured_ceiling_pct"], verdict["measured_ceiling_problem"] = _percent(
+            floor, seconds, f"measured {what}")
+    return verdict
+
+
+def _floor(case: Case, bandwidth: float | None, flops: dict,
+           level: str) -> tuple[float | None, str, str]:
+    """Floor seconds (None: no ceiling applies), "compute" or "memory", and the ceiling's name."""
+    memory = case.bytes / bandwidth if bandwidth else None
+    peak = flops.get(case.flop_dtype)
+    compute = case.flops / peak if peak and case.flops else None
+    if compute is not None and (memory is None or compute > memory):
+        return compute, "compute", f"{case.flop_dtype} FLOP/s"
+    return memory, "memory", f"{level} bandwidth"
+
+
+def _percent(floor: float | None, seconds: float, what: str) -> tuple[float | None, str | None]:
+    """``100 * floor / seconds``, or None and the reason when that would exceed 100."""
+    if floor is None:
+        return None, None
+    if floor > seconds:
+        return None, (f"ran in {seconds * 1e6:.4g} us, under the {what} floor of "
+                      f"{floor * 1e6:.4g} us: that ceiling was measured too low")
+    return 100 * floor / seconds, None
 
 
 def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool) -> list[dict]:
@@ -171,7 +176,9 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool) -> l
         seconds = time_seconds(fn, device, quick)
         rows.append({"op": case.op, "shape": case.shape, "backend": backend,
                      "device": device.type, "time_us": seconds * 1e6, "bytes": case.bytes,
-                     "flops": case.flops, "peak_mib": peak / 2**20 if peak is not None else None,
+                     "working_set": case.resident_bytes, "flops": case.flops,
+                     "flop_dtype": case.flop_dtype,
+                     "peak_mib": peak / 2**20 if peak is not None else None,
                      **judge(case, seconds, ceilings)})
     ref = next((row["time_us"] for row in rows if row["backend"] == REFERENCE), None)
     for row in rows:

@@ -1,0 +1,155 @@
+"""The speed targets set by the ops' issues, and what a bench run says about them.
+
+Each ``Target`` names bench rows (op family + a regular expression the row's
+``shape`` must match in full) and either a speed-up over the fastest of its
+baseline backends or a share of the device ceiling. Targets hold for one run
+on an H100/H200 (``GPU_ONLY``): rows from another device are not judged.
+
+``auto_decisions`` reads the same rows for the order ``auto`` should try the
+kernel backends in: per op family (and mode, e.g. ``fwd`` / ``fwdbwd``) and
+device, which kernel was fastest at each shape.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+OURS = ("cuda", "triton", "cpu", "vqkernels")  # rows that are vqkernels itself
+KERNELS = ("cuda", "triton", "cpu")  # the backends ``auto`` orders
+SDPA = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa-default")
+GPU_ONLY = "cuda"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bar some rows must clear: ``ratio`` x the fastest baseline, or ``ceiling_pct`` %."""
+
+    family: str
+    what: str
+    shape: str  # regular expression, matched in full against a bench row's shape
+    baselines: tuple[str, ...] = ("reference",)
+    ratio: float | None = None
+    ceiling_pct: float | None = None
+
+    def matches(self, row: dict) -> bool:
+        return row["op"] == self.family and re.fullmatch(self.shape, row["shape"]) is not None
+
+    @property
+    def needed(self) -> str:
+        if self.ratio is not None:
+            return f">= {self.ratio:g}x {_baseline_name(self.baselines)}"
+        return f">= {self.ceiling_pct:g}% of the ceiling"
+
+
+def _baseline_name(baselines: tuple[str, ...]) -> str:
+    return "best SDPA" if baselines == SDPA else " / ".join(baselines)
+
+
+_D72_FWD, _D72_FWDBWD = r"fwd-\d+x\d+x\d+x72-bfloat16", r"fwdbwd-\d+x\d+x\d+x72-bfloat16"
+TARGETS = (
+    Target("search", "bf16 K=16384 D=256 vs torch bf16 matmul + argmin",
+           r"N\d+xK16384xD256-bf16", ratio=6),
+    Target("search", "tf32 K=16384 D=256 vs torch matmul + argmin", r"N\d+xK16384xD256-tf32",
+           ratio=4),
+    Target("search", "ieee K=16384 D=256 vs torch matmul + argmin", r"N\d+xK16384xD256-ieee",
+           ratio=3),
+    Target("search", "D=8 vs torch matmul + argmin", r"N\d+xK\d+xD8-(bf16|tf32|ieee)", ratio=15),
+    Target("search", "K=1024 vs torch matmul + argmin", r"N\d+xK1024xD\d+-(bf16|tf32|ieee)",
+           ratio=5),
+    Target("quantizer", "module train step at K=16384 vs its twin",
+           r"(taming|vqp)-train-N\d+xK16384xD\d+", ratio=10),
+    Target("quantizer", "EMA module (VectorQuantize) train step K=16384 D=256 vs its twin",
+           r"vqp-train-N\d+xK16384xD256", ratio=15),
+    Target("ema", "EMA update vs bincount + index_add_", r"N\d+xK\d+xD\d+-\w+", ratio=3),
+    Target("ema", "EMA update vs one-hot matmul", r"N\d+xK\d+xD\d+-\w+", ("one-hot",), ratio=100),
+    Target("ddim", "fused step + CFG vs plain PyTorch", r"step-\d+x4x\d+x\d+-\w+-cfg", ratio=5),
+    Target("ddim", "fused step + CFG at (256,4,64,64): share of copy bandwidth",
+           r"step-256x4x64x64-\w+-cfg", ceiling_pct=70),
+    Target("attention", "d=72 bf16 forward vs the best SDPA backend", _D72_FWD, SDPA, ratio=1.0),
+    Target("attention", "d=72 bf16 forward vs SDPA flash", _D72_FWD, ("sdpa-flash",), ratio=1.3),
+    Target("attention", "d=72 bf16 forward + backward vs the best SDPA backend", _D72_FWDBWD,
+           SDPA, ratio=1.0),
+    Target("attention", "d=72 bf16 forward + backward vs SDPA flash", _D72_FWDBWD,
+           ("sdpa-flash",), ratio=1.3),
+)
+
+
+def evaluate(rows: list[dict], targets: tuple[Target, ...] = TARGETS) -> list[dict]:
+    """One verdict per (target, row of ``OURS`` at a matching shape) on the GPU.
+
+    Each has ``target``, ``row``, ``value`` (the speed-up, or the % of the
+    ceiling; None without a baseline row or a ceiling) and ``met``. A target
+    no GPU row matches gets one verdict with ``row`` None.
+    """
+    verdicts = []
+    for target in targets:
+        matching = [row for row in rows if row.get("device") == GPU_ONLY and target.matches(row)]
+        ours = [row for row in matching if row["backend"] in OURS]
+        for row in ours:
+            value = _value(target, row, matching)
+            verdicts.append({"target": target, "row": row, "value": value,
+                             "met": None if value is None else value >= threshold(target)})
+        if not ours:
+            verdicts.append({"target": target, "row": None, "value": None, "met": None})
+    return verdicts
+
+
+def threshold(target: Target) -> float:
+    """The number a verdict's value must reach: the ratio or the percentage."""
+    return target.ratio if target.ratio is not None else target.ceiling_pct
+
+
+def _value(target: Target, row: dict, matching: list[dict]) -> float | None:
+    if target.ceiling_pct is not None:
+        return row.get("ceiling_pct")
+    baselines = [other["time_us"] for other in matching if other["shape"] == row["shape"]
+                 and other["backend"] in target.baselines and other.get("time_us")]
+    return min(baselines) / row["time_us"] if baselines and row.get("time_us") else None
+
+
+def decision_group(row: dict) -> str:
+    """The op family plus its mode (``fwd``, ``step``, ``with stats``): one dispatch each."""
+    mode = re.match(r"([a-z][a-z0-9]*)-", row["shape"])
+    group = row["op"] + (f" {mode.group(1)}" if mode else "")
+    return group + (" with stats" if row["shape"].endswith("-with-stats") else "")
+
+
+def auto_decisions(rows: list[dict]) -> list[str]:
+    """What the rows say about ``auto``'s order of the kernel backends, one line per group."""
+    groups: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for row in rows:
+        if row["backend"] in KERNELS and row.get("time_us"):
+            shapes = groups.setdefault((decision_group(row), row.get("device", "?")), {})
+            shapes.setdefault(row["shape"], {})[row["backend"]] = row["time_us"]
+    lines = []
+    for (group, device), shapes in groups.items():
+        compared = {shape: times for shape, times in shapes.items() if len(times) > 1}
+        if compared:
+            lines.append(_decision(group, device, compared))
+    return lines
+
+
+def _decision(group: str, device: str, shapes: dict[str, dict[str, float]]) -> str:
+    """One group's line: a single order when one backend wins everywhere, else the split."""
+    ranks: dict[str, list[int]] = {}
+    winners: dict[str, list[str]] = {}
+    margins = []
+    for shape, times in shapes.items():
+        order = sorted(times, key=times.get)
+        for rank, backend in enumerate(order):
+            ranks.setdefault(backend, []).append(rank)
+        winners.setdefault(order[0], []).append(shape)
+        margins.append(times[order[1]] / times[order[0]])
+    order = sorted(ranks, key=lambda b: (sum(ranks[b]) / len(ranks[b]), b))
+    where = f"{group} on {device}"
+    if len(winners) == 1:
+        winner = order[0]
+        others = ", ".join(order[1:])
+        spread = (f"{min(margins):.2g}x" if f"{min(margins):.2g}" == f"{max(margins):.2g}"
+                  else f"{min(margins):.2g}-{max(margins):.2g}x")
+        return (f"{where}: {winner} faster than {others} at every shape ({len(shapes)}; by "
+                f"{spread}) -> auto order {', '.join(order)}")
+    split = "; ".join(f"{backend} faster at {', '.join(found)}"
+                      for backend, found in winners.items())
+    return (f"{where}: depends on shape ({split}) -> auto needs a shape rule; "
+            f"by mean rank: {', '.join(order)}")
