@@ -1,0 +1,12 @@
+"""The README's usage example runs as written."""
+import re
+from pathlib import Path
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_usage_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
