@@ -131,9 +131,10 @@ def nearest_code_with_stats(
     chosen = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1])
     z, codebook = z.contiguous(), codebook.contiguous()
     if chosen.name == "triton" and not deterministic:
-        indices, distances, counts, sums = torch.ops.vqkernels.nearest_code_with_stats_triton(
-            z, codebook, _sqnorm(codebook), precision)
-        return _code_0_where_not_finite(indices, distances), distances, counts, sums
+        # The fused kernel gives a row without a finite score code 0 itself (its statistics
+        # must count the row there, so no pass here could fix the index afterwards).
+        return torch.ops.vqkernels.nearest_code_with_stats_triton(z, codebook, _sqnorm(codebook),
+                                                                  precision)
     indices, distances = chosen.run(z, codebook, _sqnorm(codebook), precision)
     indices = _code_0_where_not_finite(indices, distances)
     counts, sums = code_counts_and_sums(z, indices, codebook.shape[0],

@@ -243,8 +243,10 @@ def _attention_forward_kernel(
             q0, q1, q_ptr, q_base, sq_s, n, acc0, acc1, m_i, l_i, k_ptr, k_base, sk_s, v_ptr,
             v_base, sv_s, full, Sk, qk_scale, HEAD_DIM, D0, D1, ALIGN, BLOCK_M, BLOCK_N, True)
 
-    l_ok = l_i > 0.0  # false only for a row of -inf logits: out 0, lse -inf
-    inv_l = tl.where(l_ok, 1.0 / tl.where(l_ok, l_i, 1.0), 0.0)
+    # l_ok is false only for a row of -inf logits: softmax is 0 / 0 there, so out is NaN
+    # (as torch.softmax and the other backends give), lse -inf.
+    l_ok = l_i > 0.0
+    inv_l = tl.where(l_ok, 1.0 / tl.where(l_ok, l_i, 1.0), float("nan"))
     lse = tl.where(l_ok, m_i * _LN2 + _math.log(tl.where(l_ok, l_i, 1.0)), float("-inf"))
     row = (b * H + h) * Sq + start_m
     _store_tile(out_ptr, row * HEAD_DIM, offs, HEAD_DIM, n, acc0 * inv_l[:, None], 0, D0,
