@@ -13,7 +13,7 @@ from vqkernels import nn as vqnn
 from vqkernels import ops
 from vqkernels.reference import attention as reference
 from conftest import kernel_backends
-from vqkernels.testing import assert_within_contract
+from vqkernels.testing import assert_within_contract, attention_magnitudes
 
 OP = "attention"
 HEAD_DIMS = (32, 40, 64, 72, 80, 96, 128)
@@ -68,15 +68,22 @@ def check_parity(backend, device, q, k, v, generator, *, scale=None, grads=True,
         with torch.no_grad():
             got, same = ours(*map(to, (q, k, v))), ref(q, k, v)
             truth = ref(q.double(), k.double(), v.double())
-        assert_within_contract(OP, dtype, got, same, truth, what=f"{backend} {what} out")
+        assert_within_contract(OP, dtype, got, same, truth, what=f"{backend} {what} out",
+                               magnitude=attention_magnitudes(q, k, v, scale=scale)["out"])
         return
     got = outputs_and_grads(ours, *map(to, (q, k, v, grad_out)))
     same = outputs_and_grads(ref, q, k, v, grad_out)
     truth = outputs_and_grads(ref, q.double(), k.double(), v.double(), grad_out.double())
+    check_results(dtype, got, same, truth, attention_magnitudes(q, k, v, grad_out, scale),
+                  what=f"{backend} {what}")
+    assert all(o.dtype == dtype and o.device.type == device for o in got)
+
+
+def check_results(dtype, got, same, truth, magnitudes, what):
+    """(out, dq, dk, dv) within the contract of ``same``, given the size of their terms."""
     for name, o, r, t in zip(("out", "dq", "dk", "dv"), got, same, truth):
-        assert o.dtype == dtype and o.device.type == device, f"{name}: {o.dtype} on {o.device}"
         assert_within_contract(OP, dtype, o, r, t, kind="forward" if name == "out" else "gradient",
-                               what=f"{backend} {what} {name}")
+                               magnitude=magnitudes[name], what=f"{what} {name}")
 
 
 # ---------------------------------------------------------------- parity
@@ -149,9 +156,8 @@ def test_matches_sdpa(backend, device, dtype, generator):
     ours = outputs_and_grads(lambda *x: ops.attention(*x, backend=backend), q, k, v, grad_out)
     sdpa = outputs_and_grads(F.scaled_dot_product_attention, q, k, v, grad_out)
     truth = outputs_and_grads(reference.attention, *(x.double().cpu() for x in (q, k, v, grad_out)))
-    for name, o, r, t in zip(("out", "dq", "dk", "dv"), ours, sdpa, truth):
-        assert_within_contract(OP, dtype, o, r, t, kind="forward" if name == "out" else "gradient",
-                               what=f"{backend} vs SDPA {name}")
+    check_results(dtype, ours, sdpa, truth, attention_magnitudes(q, k, v, grad_out),
+                  what=f"{backend} vs SDPA")
 
 
 @pytest.mark.parametrize("backend,device,dtype", backend_cases())

@@ -23,7 +23,8 @@ from vqkernels.reference import ddim as ref_ddim
 from vqkernels.reference import ema as ref_ema
 from vqkernels.reference import search as ref_search
 from vqkernels.reference import timestep as ref_timestep
-from vqkernels.testing import code_stats_errors, contract_error, nearest_errors
+from vqkernels.testing import (attention_magnitudes, code_stats_errors, contract_error,
+                               max_abs, nearest_errors)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 Errors = dict[str, tuple[float, float]]
@@ -194,10 +195,12 @@ def check_attention(backend, device, dtype, generator) -> Errors:
 
     got, same = run(ours, lambda x: x), run(ref_attention.attention, lambda x: x)
     truth = run(ref_attention.attention, _f64)
-    errors = _judge("attention", dtype, ["out"], got[0], same[0], truth[0])
-    errors.update(_judge("attention", dtype, ["grad q", "grad k", "grad v"], got[1], same[1],
-                         truth[1], kind="gradient"))
-    return errors
+    sizes = attention_magnitudes(q, k, v, grad_out)
+    return {name: contract_error("attention", dtype, g, s, t, magnitude=sizes[key],
+                                 kind="forward" if key == "out" else "gradient")
+            for name, key, g, s, t in zip(("out", "grad q", "grad k", "grad v"),
+                                          ("out", "dq", "dk", "dv"),
+                                          got[0] + got[1], same[0] + same[1], truth[0] + truth[1])}
 
 
 # --- ddim_step: guidance on a [cond; uncond] batch, per-sample timesteps, given noise ----------
@@ -222,12 +225,10 @@ def check_ddim_step(backend, device, dtype, generator) -> Errors:
                          backend=backend, **DDIM_OPTIONS)
     same = _ddim_reference(model_output, timesteps, sample, table, noise)
     truth = _ddim_reference(_f64(model_output), timesteps, _f64(sample), table, _f64(noise))
-    errors = {}
-    for name, o, s, t in zip(("prev_sample", "pred_original_sample"), ours, same, truth):
+    for name, o in zip(("prev_sample", "pred_original_sample"), ours):
         _expect_dtype(o, dtype, name)
-        scale = max(t.abs().max().item(), 1.0)  # x0 at t ~ T is ~100x larger than x_t
-        errors[name] = contract_error("ddim_step", dtype, o / scale, s / scale, t / scale)
-    return errors
+    return {name: contract_error("ddim_step", dtype, o, s, t, magnitude=max_abs(*truth))
+            for name, o, s, t in zip(("prev_sample", "pred_original_sample"), ours, same, truth)}
 
 
 # --- the cases --------------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 A fast backend's error against the float64 truth may be at most ``forward``
 (or ``gradient``) times the error of the same-dtype reference on the same
-inputs, plus a floor of ``atol`` times the truth's magnitude (at least 1): a
-few of the dtype's ulps, so that no bound rests on one processor's or libm's
-rounding of the reference (which may happen to be exact).
+inputs, plus a floor of ``atol`` times the magnitude of the terms summed into
+the result (at least 1): a few of the dtype's ulps, so that no bound rests on
+one processor's or libm's rounding of the reference (which may happen to be
+exact). The magnitude is max |truth| unless terms cancel: a clipped DDIM x0
+is at most 1 but the difference of two terms ~100x larger, and an attention
+gradient sums softmax terms that add up to zero; ``max_abs`` of the unclipped
+step and ``attention_magnitudes`` give the size of those terms.
 
 ``contract_error``, ``nearest_errors`` and ``code_stats_errors`` return
 (error, bound) pairs, which ``selftest`` reports; the ``assert_*`` helpers the
@@ -63,30 +67,70 @@ def max_error(x: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def contract_error(op: str, dtype: torch.dtype, out: torch.Tensor, reference: torch.Tensor,
-                   truth: torch.Tensor, *, kind: str = "forward") -> tuple[float, float]:
+                   truth: torch.Tensor, *, kind: str = "forward",
+                   magnitude: float | None = None) -> tuple[float, float]:
     """(max error of ``out`` against ``truth``, the most the contract allows it).
 
     The bound is ``TOLERANCES[(op, dtype)]``'s multiple (``forward`` or
-    ``gradient``, by ``kind``) of ``reference``'s error, plus the floor.
+    ``gradient``, by ``kind``) of ``reference``'s error, plus the floor
+    ``atol * max(1, magnitude)``; ``magnitude`` defaults to max |truth|.
     """
     if out.shape != truth.shape:
         raise ValueError(f"{op}: out shape {tuple(out.shape)} != truth shape {tuple(truth.shape)}")
     tol = TOLERANCES[(op, dtype)]
     multiple = tol.forward if kind == "forward" else tol.gradient
-    magnitude = truth.detach().abs().max().item() if truth.numel() else 0.0
+    if magnitude is None:
+        magnitude = truth.detach().abs().max().item() if truth.numel() else 0.0
     floor = tol.atol * max(1.0, magnitude)
     return max_error(out, truth), multiple * max_error(reference, truth) + floor
 
 
 def assert_within_contract(op: str, dtype: torch.dtype, out: torch.Tensor,
                            reference: torch.Tensor, truth: torch.Tensor, *,
-                           kind: str = "forward", what: str = "") -> None:
+                           kind: str = "forward", magnitude: float | None = None,
+                           what: str = "") -> None:
     """``out`` is as close to ``truth`` as the contract asks, given ``reference``'s error."""
     assert out.shape == truth.shape, (f"{op} {what}: shape {tuple(out.shape)} != "
                                       f"{tuple(truth.shape)}")
-    err, bound = contract_error(op, dtype, out, reference, truth, kind=kind)
+    err, bound = contract_error(op, dtype, out, reference, truth, kind=kind, magnitude=magnitude)
     assert err <= bound, (f"{op} {kind} {dtype} {what}: max error {err:.3e} exceeds the bound "
                           f"{bound:.3e} (a multiple of the same-dtype reference's error + floor)")
+
+
+def max_abs(*tensors: torch.Tensor) -> float:
+    """max |x| over all the tensors (0 if all are empty): for a DDIM step's magnitude,
+    pass the truth's outputs computed with and without clipping and thresholding."""
+    return max((x.detach().abs().max().item() for x in tensors if x.numel()), default=0.0)
+
+
+def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         grad_out: torch.Tensor | None = None,
+                         scale: float | None = None) -> dict[str, float]:
+    """The size of the terms summed into attention's output and gradients, in float64.
+
+    Each result is a sum of products; rounding errors of random sign add up to
+    a few ulps of the root-sum-square (RSS) of its terms, which stays large
+    where the sum cancels (the dS of a row sum to zero). With
+    P = softmax(scale q k^T) and dS = P * (dO v^T - rowsum(dO * O))::
+
+        out: RSS of P v     dq: |scale| RSS of dS k     dk: |scale| RSS of dS^T q     dv: RSS of P^T dO
+
+    each at least the result's own max, under keys "out", "dq", "dk", "dv"
+    (only "out" without ``grad_out``).
+    """
+    q, k, v = (x.detach().double().cpu() for x in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    biggest = (lambda x: x.abs().max().item() if x.numel() else 0.0)
+    size = (lambda a, b: max(biggest(a @ b), biggest((a.square() @ b.square()).sqrt())))
+    p = torch.softmax(scale * q @ k.transpose(-2, -1), dim=-1)
+    out = p @ v
+    sizes = {"out": size(p, v)}
+    if grad_out is not None:
+        do = grad_out.detach().double().cpu()
+        ds = p * (do @ v.transpose(-2, -1) - (do * out).sum(-1, keepdim=True))
+        sizes.update(dq=abs(scale) * size(ds, k), dk=abs(scale) * size(ds.transpose(-2, -1), q),
+                     dv=size(p.transpose(-2, -1), do))
+    return sizes
 
 
 def code_stats_errors(z: torch.Tensor, indices: torch.Tensor, num_codes: int,
