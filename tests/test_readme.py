@@ -1,4 +1,4 @@
-"""The README's usage example runs as written."""
+"""Every Python example of the README runs as written, each in a fresh namespace."""
 import re
 from pathlib import Path
 
