@@ -6,6 +6,11 @@
 
 #include "build_config.h"
 
+// The torch this file was built against, findable in its bytes by vqkernels._ext
+// when the module cannot load (the usual cause: another torch installed since).
+extern "C" __attribute__((used)) const char vqkernels_built_for_torch[] =
+    "vqkernels-built-for-torch=" VQKERNELS_TORCH_VERSION;
+
 namespace {
 
 pybind11::dict build_info() {

@@ -5,12 +5,48 @@ without it: the reference and Triton backends need no compiled code.
 """
 from __future__ import annotations
 
+import importlib.util
+import re
+import warnings
+
+import torch
+
+BUILT_FOR_MARKER = re.compile(rb"vqkernels-built-for-torch=([^\x00]+)\x00")
+
+
+def built_for_torch() -> str | None:
+    """The torch version the extension file was built against, read from its bytes (so it
+    works when the module cannot load); None when there is no built extension."""
+    try:
+        spec = importlib.util.find_spec("vqkernels._C")
+        with open(spec.origin, "rb") as f:
+            found = BUILT_FOR_MARKER.search(f.read())
+    except (ImportError, OSError, AttributeError, TypeError):  # no spec, or no file behind it
+        return None
+    return found.group(1).decode() if found else None
+
+
+def load_failure_message(error: str, built_for: str | None, installed: str) -> str:
+    """What to tell a user whose extension did not load, and what to do about it."""
+    message = (f"vqkernels: the compiled kernels (vqkernels._C) did not load ({error}); the C++ "
+               f"CPU and CUDA backends are off, and backend='auto' uses Triton or the reference.")
+    if built_for is None:
+        return message + " No built extension was found: pip install --no-build-isolation ."
+    if built_for != installed:
+        return (message + f" It was built for torch {built_for}, and torch {installed} is "
+                f"installed: rebuild it (pip install --no-build-isolation .) or install torch "
+                f"{built_for}.")
+    return message + f" It was built for this torch ({installed})."
+
+
 try:
     from vqkernels import _C
     LOAD_ERROR: str | None = None
 except ImportError as error:  # not built, or built against another torch
     _C = None
     LOAD_ERROR = f"{type(error).__name__}: {error}"
+    warnings.warn(load_failure_message(LOAD_ERROR, built_for_torch(), torch.__version__),
+                  RuntimeWarning, stacklevel=2)
 
 
 def build_info() -> dict:

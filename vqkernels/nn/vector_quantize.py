@@ -10,7 +10,7 @@ each training step all-reduces one flat (K, 1 + D) ``[counts | sums]`` buffer
 and feeds it to ``ops.ema_update_(..., stats=...)``, so every rank holds the
 same codebook, equal to one process training on the concatenated batch. The
 k-means init (``sync_kmeans``) and the dead-code restarts draw their rows from
-the concatenated batch the same way on every rank (vqkernels/ops/kmeans.py).
+the concatenated batch the same way on every rank (vqkernels/ops/codebook_init.py).
 Wrap the model in DDP as usual: the codebook is a buffer that every rank
 already holds, so DDP's buffer broadcast (``broadcast_buffers=False`` skips it)
 changes nothing.

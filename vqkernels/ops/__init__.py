@@ -2,7 +2,7 @@
 from vqkernels.ops.attention import attention
 from vqkernels.ops.ddim import ddim_step
 from vqkernels.ops.ema import code_counts_and_sums, ema_update_
-from vqkernels.ops.kmeans import kmeans, replace_dead_codes_
+from vqkernels.ops.codebook_init import kmeans, replace_dead_codes_
 from vqkernels.ops.search import nearest_code, nearest_code_with_stats, vector_quantize
 from vqkernels.ops.timestep import timestep_embedding
 

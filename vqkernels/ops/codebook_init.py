@@ -1,25 +1,14 @@
-"""k-means codebook init and dead-code restart, the public ops.
+"""k-means codebook init and dead-code restart, built from the fused ops.
 
-Both are built from the fused ops (``nearest_code``, ``code_counts_and_sums``)
-plus a few elementwise masks, so they run on every backend those support.
-Neither synchronizes with the host in a single process (given a sync-free
-``code_counts_and_sums`` backend, as the GPU kernels are): the Lloyd loop has a
-fixed trip count, empty clusters are handled with ``torch.where``, and dead
-codes are matched to new rows by a slot map (a prefix sum, or a random
-ranking) instead of boolean indexing, so ``replace_dead_codes_`` can be
-captured in a CUDA graph.
-
-Under ``torch.distributed`` (gloo or NCCL, same code path) every rank ends
-with the same result as one process run on the concatenation of all ranks'
-``z`` (in rank order):
-
-- rows are drawn by global index over the concatenated batch, on rank 0 with
-  its ``generator``, broadcast, and gathered with one ``all_reduce`` of a
-  (K, D) buffer to which each row's owner alone contributes;
-- each Lloyd step all-reduces one flat (K, 1 + D) ``[counts | sums]`` buffer.
-
-Learning the other ranks' batch sizes costs one small ``all_gather`` read on
-the host per call: the only host sync, and only when distributed.
+``nearest_code`` and ``code_counts_and_sums`` plus elementwise masks, so both
+run on every backend those support and never sync with the host in one
+process: the Lloyd loop has a fixed trip count, empty clusters use
+``torch.where``, and dead codes meet their new rows through a slot map, not
+boolean indexing (``replace_dead_codes_`` can be captured in a CUDA graph).
+Under ``torch.distributed`` every rank gets what one process would on the
+concatenation of all ranks' ``z``: rows are drawn by global index on rank 0,
+each Lloyd step all-reduces one (K, 1 + D) ``[counts | sums]`` buffer, and
+learning the ranks' batch sizes is the one host sync.
 """
 from __future__ import annotations
 
