@@ -37,7 +37,7 @@ STATE_DTYPE = torch.float32
 
 # --- backends ------------------------------------------------------------------------------
 
-def _reference_stats(z, indices, num_codes, deterministic):
+def _run_reference_stats(z, indices, num_codes, deterministic):
     """Counts and sums by bincount / index_add; out-of-range rows go to a dropped extra code."""
     if not torch.compiler.is_compiling():
         _check_indices_on_cpu(indices, num_codes)
@@ -57,7 +57,7 @@ def _reference_stats(z, indices, num_codes, deterministic):
 def _run_reference_update(cluster_size, embed_sum, codebook, z, indices, stats, decay, eps,
                           bias_correction, step, deterministic):
     if stats is None:
-        stats = _reference_stats(z, indices, cluster_size.shape[0], deterministic)
+        stats = _run_reference_stats(z, indices, cluster_size.shape[0], deterministic)
     reference.ema_update_from_stats_(cluster_size, embed_sum, codebook, *stats, decay, eps,
                                      bias_correction, step)
 
@@ -109,7 +109,7 @@ def _codebook_limit(*, codebook_dtype=None, **_):
 STATS_DISPATCH = OpDispatch(
     op="code_counts_and_sums",
     backends={
-        "reference": Backend("reference", _reference_stats),
+        "reference": Backend("reference", _run_reference_stats),
         "cpu": Backend("cpu", _run_compiled_stats, DTYPES, _compiled_limit),
         "cuda": Backend("cuda", _run_compiled_stats, GPU_DTYPES, _compiled_limit),
         "triton": Backend("triton", _run_triton_stats, GPU_DTYPES),

@@ -34,6 +34,14 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=-1, eps=_NORMALIZE_EPS)
 
 
+def _prepare(z: torch.Tensor, codebook: torch.Tensor,
+             metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """z and the codebook in the compute dtype, rows l2-normalized for the cosine metric."""
+    dtype = _compute_dtype(z, codebook)
+    z, codebook = z.to(dtype), codebook.to(dtype)
+    return (_normalize(z), _normalize(codebook)) if metric == "cosine" else (z, codebook)
+
+
 def _pairwise_distances(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
     """(rows, K) distances between already prepared rows of z and codes."""
     if metric == "l2":
@@ -68,17 +76,12 @@ def nearest_code(
     input is float64, else float32. N = 0 gives empty outputs.
     """
     _check_metric(metric)
-    dtype = _compute_dtype(z, codebook)
-    z = z.to(dtype)
-    codebook = codebook.to(dtype)
-    if metric == "cosine":
-        z = _normalize(z)
-        codebook = _normalize(codebook)
+    z, codebook = _prepare(z, codebook, metric)
 
     n, k = z.shape[0], codebook.shape[0]
     rows = max(1, _CHUNK_ELEMENTS // max(1, k * codebook.shape[1]))
     indices = torch.empty(n, dtype=torch.int64, device=z.device)
-    distances = torch.empty(n, dtype=dtype, device=z.device)
+    distances = torch.empty(n, dtype=z.dtype, device=z.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         dist = _pairwise_distances(z[start:stop], codebook, metric)
@@ -126,12 +129,7 @@ def vector_quantize(
     (N,) int64.
     """
     indices, _ = nearest_code(z.detach(), codebook.detach(), metric)
-    dtype = _compute_dtype(z, codebook)
-    z_c = z.to(dtype)
-    codebook_c = codebook.to(dtype)
-    if metric == "cosine":
-        z_c = _normalize(z_c)
-        codebook_c = _normalize(codebook_c)
+    z_c, codebook_c = _prepare(z, codebook, metric)
     zq = codebook_c[indices]
 
     commitment = _mse(zq.detach(), z_c)
