@@ -1,15 +1,14 @@
 """Backend selection shared by every op.
 
-Each op declares its backends as ``Backend`` records and, per device type, the
-order in which ``backend="auto"`` tries them (fastest first, as measured; the
-op file says why). An explicitly named backend that cannot take the input
-raises ``BackendUnavailableError`` listing every reason; only ``auto`` moves on
-to the next backend.
-
-On CUDA ``auto`` is cautious: it tries first the backends verified on a GPU of
-the device's compute capability (``vqkernels._verified``), in the op's order;
-then, of those never verified there, Triton (parity-tested under the
-interpreter, compile-tested for sm_90) before hand-written CUDA kernels.
+Each op declares its backends as ``Backend`` records (what each accepts) and,
+per device type, the order ``backend="auto"`` tries them in; the op's file
+says why that order. A backend named explicitly (the argument, else
+``$VQKERNELS_BACKEND``) that cannot take the input raises
+``BackendUnavailableError`` listing every reason: only ``auto`` moves on, and
+it ends at the reference. On CUDA ``auto`` is cautious: backends verified on a
+GPU of the device's compute capability (``vqkernels._verified``) come first,
+in the op's order; of the rest, Triton (parity-tested under the interpreter,
+compile-tested for sm_90) goes before hand-written CUDA kernels.
 """
 from __future__ import annotations
 

@@ -1,31 +1,12 @@
 """Which GPU backends have passed their parity checks on real hardware, and where that is recorded.
 
-``VERIFIED`` is the only place the package keeps this. On a CUDA device,
-``backend="auto"`` prefers a backend verified for the device's compute
-capability (``vqkernels._dispatch``); ``info()`` and ``selftest`` print each
-op's GPU status from it. It is filled only from results committed under
-``benchmarks/results/``: no entry without a file that shows the pass.
-
-An entry, ``Verification(op, backend, capability, device, date, results)``:
-
-- ``op``: the dispatch it speaks for (``OpDispatch.op``). "nearest_code" covers
-  ``nearest_code``, ``vector_quantize`` and ``nearest_code_with_stats``, which
-  share that dispatch, so all three must have passed.
-- ``backend``: "cuda" or "triton" (Triton compiled for and run on the GPU).
-- ``capability``: the compute capability it ran on, e.g. ``(9, 0)``.
-- ``device``: ``torch.cuda.get_device_name()``, e.g. "NVIDIA H100 80GB HBM3".
-- ``date``: the run's date, YYYY-MM-DD.
-- ``results``: the results file, relative to the repository root.
-
-How a results file becomes an entry (from the repository root):
-
-1. on the GPU: ``python -m vqkernels selftest --device cuda --json
-   benchmarks/results/<YYYY-MM-DD>-<gpu>-selftest.json``, and commit the file;
-2. ``python -c "from vqkernels._verified import entries_from_selftest as e;
-   print(*e('benchmarks/results/<file>.json'), sep=',\\n')"`` prints an entry
-   for every (op, backend) whose rows in that file all passed;
-3. paste them into ``VERIFIED``. ``tests/test_dispatch.py`` checks every
-   entry against its file (``entry_problems``).
+``VERIFIED`` is the package's only record of this. On a CUDA device
+``backend="auto"`` prefers the backends verified for the device's compute
+capability (``vqkernels._dispatch``), and ``info()`` and ``selftest`` print
+each op's GPU status from it. So that no backend counts as verified without
+evidence, an entry is made only from a selftest results file committed under
+``benchmarks/results/`` (``entries_from_selftest`` says how), and
+``tests/test_dispatch.py`` holds every entry to its file (``entry_problems``).
 """
 from __future__ import annotations
 
@@ -39,7 +20,17 @@ NOT_RUN = "not yet run on a GPU"
 
 @dataclass(frozen=True)
 class Verification:
-    """An (op, backend, compute capability) that passed selftest on a GPU, and its results file."""
+    """An (op, backend, compute capability) that passed selftest on a GPU, and its results file.
+
+    - ``op``: the dispatch it speaks for (``OpDispatch.op``). "nearest_code" covers
+      ``nearest_code``, ``vector_quantize`` and ``nearest_code_with_stats``, which
+      share that dispatch, so all three must have passed.
+    - ``backend``: "cuda" or "triton" (Triton compiled for and run on the GPU).
+    - ``capability``: the compute capability it ran on, e.g. ``(9, 0)``.
+    - ``device``: ``torch.cuda.get_device_name()``, e.g. "NVIDIA H100 80GB HBM3".
+    - ``date``: the run's date, YYYY-MM-DD.
+    - ``results``: the results file, relative to the repository root.
+    """
 
     op: str
     backend: str
@@ -72,7 +63,17 @@ def gpu_status(op: str, backend: str) -> str:
 
 
 def entries_from_selftest(path: str | Path) -> list[Verification]:
-    """An entry for every (op, backend) of a CUDA selftest JSON whose rows all passed."""
+    """An entry for every (op, backend) of a CUDA selftest JSON whose rows all passed.
+
+    How a results file becomes entries (from the repository root):
+
+    1. on the GPU: ``python -m vqkernels selftest --device cuda --json
+       benchmarks/results/<YYYY-MM-DD>-<gpu>-selftest.json``, and commit the file;
+    2. ``python -c "from vqkernels._verified import entries_from_selftest as e;
+       print(*e('benchmarks/results/<file>.json'), sep=',\\n')"`` prints them;
+    3. paste them into ``VERIFIED``; ``tests/test_dispatch.py`` checks each one
+       against its file (``entry_problems``).
+    """
     document = _load(path)
     if document.get("device_type") != "cuda":
         raise ValueError(f"{path}: not a selftest run on a CUDA device "

@@ -1,18 +1,14 @@
 """The numerics contract, in one table: what the test suite and ``selftest`` hold every backend to.
 
 A fast backend's error against the float64 truth may be at most ``forward``
-(or ``gradient``) times the error of the same-dtype reference on the same
-inputs, plus a floor of ``atol`` times the magnitude of the terms summed into
-the result (at least 1): a few of the dtype's ulps, so that no bound rests on
-one processor's or libm's rounding of the reference (which may happen to be
-exact). The magnitude is max |truth| unless terms cancel: a clipped DDIM x0
-is at most 1 but the difference of two terms ~100x larger, and an attention
-gradient sums softmax terms that add up to zero; ``max_abs`` of the unclipped
-step and ``attention_magnitudes`` give the size of those terms.
-
-``contract_error``, ``nearest_errors`` and ``code_stats_errors`` return
-(error, bound) pairs, which ``selftest`` reports; the ``assert_*`` helpers the
-tests use assert on the same pairs.
+(or ``gradient``) times the same-dtype reference's error on the same inputs,
+plus a floor of ``atol`` (a few of the dtype's ulps) times the magnitude (at
+least 1) of the terms summed into the result, so that no bound rests on one
+processor's or libm's rounding (the reference's may happen to be exact). That
+magnitude is max |truth| unless terms cancel, as in a clipped DDIM x0 or an
+attention gradient (``max_abs``, ``attention_magnitudes``). ``contract_error``,
+``nearest_errors`` and ``code_stats_errors`` return the (error, bound) pairs
+that ``selftest`` reports and the ``assert_*`` helpers check.
 """
 from __future__ import annotations
 
@@ -99,7 +95,8 @@ def assert_within_contract(op: str, dtype: torch.dtype, out: torch.Tensor,
 
 def max_abs(*tensors: torch.Tensor) -> float:
     """max |x| over all the tensors (0 if all are empty): for a DDIM step's magnitude,
-    pass the truth's outputs computed with and without clipping and thresholding."""
+    pass the truth's outputs computed with and without clipping and thresholding (a
+    clipped x0 is at most 1, but the difference of two terms ~100x larger)."""
     return max((x.detach().abs().max().item() for x in tensors if x.numel()), default=0.0)
 
 

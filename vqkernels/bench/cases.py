@@ -1,16 +1,13 @@
 """Benchmark cases: what is timed, on which inputs, and the floor it is judged by.
 
 A ``Case`` is one op at one shape. Its backends are zero-arg callables that all
-run on the same freshly drawn random inputs; the ``"reference"`` entry (the
-pure-PyTorch spec) is the baseline of every speed-up. ``bytes`` is the least
-memory traffic the op can do (each input read once, each output written once)
-and ``flops`` its arithmetic; the runner turns them into achieved GB/s or
-TFLOP/s and into a floor time on the device. ``working_set`` (default
-``bytes``) is how much data one call keeps live: it picks the memory level
-(cache or DRAM) whose bandwidth the floor uses, where a case rereads its data.
-
-Each op family has a module with ``cases(device, quick) -> list[Case]``;
-adding a family is one line in ``OP_MODULES``.
+run on the same freshly drawn random inputs; the ``"reference"`` one (the
+pure-PyTorch spec) is the baseline of every speed-up. ``bytes`` (each input
+read once, each output written once) and ``flops`` are the least work the op
+can do: the runner turns them into achieved GB/s or TFLOP/s and a floor time.
+``working_set`` (default ``bytes``) is the data one call keeps live; it picks
+the memory level (cache or DRAM) whose bandwidth sets the floor. Each op family
+has a module with ``cases(device, quick) -> list[Case]``, listed in ``OP_MODULES``.
 """
 from __future__ import annotations
 
@@ -47,7 +44,12 @@ class Case:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes one call keeps live: ``working_set``, else ``bytes``."""
+        """Bytes one call keeps live: ``working_set``, else ``bytes``.
+
+        A case that rereads its data (e.g. a loop over the same tensors) sets a
+        ``working_set`` smaller than ``bytes``, so its floor uses the bandwidth
+        of the memory level that data fits in.
+        """
         return self.bytes if self.working_set is None else self.working_set
 
     @property

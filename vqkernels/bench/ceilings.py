@@ -1,22 +1,13 @@
 """The ceilings a benchmark row is judged against: memory bandwidth and peak FLOP/s.
 
-GPUs: ``GPU_CEILINGS`` holds the numbers of known devices, matched by a
-substring of ``torch.cuda.get_device_name`` (the longest matching key wins, so
-"H100 PCIe" beats "H100"). On every GPU the copy bandwidth of a buffer far
-larger than L2 and the FLOP/s of large bf16, tf32 and fp32 GEMMs are also
-measured at start (``"measured"``): a FLOP dtype the table lacks takes the
-measured number, and an unknown GPU is judged by the measurement alone. The
-GPU timer flushes L2 between runs, so every GPU case is held against device
-memory.
-
-CPUs: everything is measured here, at the thread count the kernels use: the
-fp32 FLOP/s of a GEMM large enough to reach the BLAS's steady state (a
-1024^3 one does not), and the copy bandwidth of a buffer that fits in L3 and
-of one far beyond it. The CPU timer keeps a case's data hot, so a case is held
-against the level its working set fits in: ``levels`` (smallest first) and
-then ``bandwidth`` (DRAM). A working set that fits in L2 is "in cache": no
-bandwidth floor, since a copy that small is dominated by per-call costs and
-would make a ceiling too low to judge by.
+GPUs: ``GPU_CEILINGS`` holds known devices' numbers (``table_entry`` matches
+the device name). On every GPU the copy bandwidth of a buffer far beyond L2 and
+the FLOP/s of large bf16, tf32 and fp32 GEMMs are also measured at start: they
+fill the dtypes the table lacks and alone judge a GPU it does not know. The GPU
+timer flushes L2, so every GPU case is held against device memory. CPUs: all is
+measured at the kernels' thread count (see ``cpu_ceilings``). The CPU timer
+keeps a case's data hot, so a case is held against the level its working set
+fits in: ``levels`` (smallest first), then ``bandwidth`` (DRAM).
 """
 from __future__ import annotations
 
@@ -43,7 +34,7 @@ GPU_MEMORY = "HBM"
 CPU_MEMORY = "DRAM"
 _GPU_COPY_BYTES = 1 << 30  # 1 GiB each way: far beyond any GPU's L2
 _GPU_GEMM_N = 8192
-_CPU_GEMM_N = 2048  # ~17 GFLOP: past the BLAS's ramp-up, a fraction of a second on 2 cores
+_CPU_GEMM_N = 2048  # ~17 GFLOP: past the BLAS's ramp-up (1024^3 is not), yet quick
 _CPU_DRAM_COPY_BYTES = 256 << 20
 _CPU_MIN_SAMPLES, _CPU_MAX_SAMPLES, _CPU_SAMPLING_S = 3, 20, 1.0
 
@@ -94,7 +85,15 @@ def gpu_ceilings(device: torch.device) -> dict:
 
 
 def cpu_ceilings(device: torch.device) -> dict:
-    """Measured fp32 GEMM FLOP/s, DRAM copy bandwidth and the cache levels above it."""
+    """Measured fp32 GEMM FLOP/s, DRAM copy bandwidth and the cache levels above it.
+
+    All at the thread count the kernels use: the GEMM is large enough to reach
+    the BLAS's steady state; copy bandwidth is measured for a buffer that fits
+    in L3 and for one far beyond it (DRAM). L2 gets no bandwidth (None): a
+    working set that fits there is "in cache" and has no bandwidth floor, since
+    a copy that small is dominated by per-call costs and would give a ceiling
+    too low to judge by.
+    """
     dram = measure_cpu_copy_bandwidth(max(_CPU_DRAM_COPY_BYTES, 4 * _cache_bytes(3)))
     levels = []
     if _cache_bytes(2):

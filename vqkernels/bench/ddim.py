@@ -1,20 +1,13 @@
 """Benchmark cases of the DDIM step (``vqkernels.ops.ddim_step``) and the sampling loop.
 
-- ``step-*``: one step on latents (B, 4, H, W), with classifier-free
-  guidance (the model output is the doubled batch [cond; uncond], DiT style)
-  or without. The "reference" row is the step as diffusers'
-  ``DDIMScheduler.step`` writes it in plain PyTorch (``plain_pytorch_step``
-  below: ~10 elementwise launches in the sample's dtype, plus the guidance
-  combine of a DiT sampler). The fused rows skip ``pred_original_sample``
-  (the sampler does not need it), as a sampling loop would.
-  Bytes: x_t and the model output (2B rows with guidance) read once, x_prev
-  written once; no FLOP ceiling applies (~20 FLOPs per element).
-- ``loop50-*``: a ``DDIMSampler`` call, 50 steps with CFG and an identity
-  model (so the time is the loop's own: steps, launches, Python), eager and,
-  on CUDA, replaying its CUDA graph (captured once, before timing); the
-  "reference" row is the plain-PyTorch loop. Bytes: 50 times a step's
-  (x_t, the 2B-row output, x_prev), not counting the model's concatenation;
-  working set: one step's (the loop rereads the same latents every step).
+``step-*`` times one step on latents (B, 4, H, W), with classifier-free
+guidance (the model output is the doubled batch [cond; uncond], DiT style) or
+without; ``loop50-*`` times a whole 50-step guided ``DDIMSampler`` call. Both
+are held against what a user would otherwise run: diffusers'
+``DDIMScheduler.step`` written out in plain PyTorch (``plain_pytorch_step``),
+and a loop over it. A step does ~20 FLOPs per element, so no FLOP ceiling
+applies and the floor is bytes only (``_step_case`` and ``_loop_case`` say
+which bytes).
 """
 from __future__ import annotations
 
@@ -68,6 +61,11 @@ def _table(device):
 
 
 def _step_case(device, shape, dtype, guided) -> Case:
+    """One step. The "reference" row is ``plain_pytorch_step`` (~10 elementwise
+    launches in the sample's dtype, plus a DiT sampler's guidance combine); the
+    fused rows skip ``pred_original_sample``, as a sampling loop would, since it
+    does not need it. Bytes: x_t and the model output (2B rows with guidance)
+    read once, x_prev written once."""
     b = shape[0]
     sample = torch.randn(shape, device=device, dtype=dtype)
     out = torch.randn((2 * b if guided else b, *shape[1:]), device=device, dtype=dtype)
@@ -106,6 +104,12 @@ def _plain_loop(model, shape, device, table, labels):
 
 
 def _loop_case(device, shape, guided) -> Case:
+    """A 50-step ``DDIMSampler`` call with CFG and an identity model, so the time
+    is the loop's own (steps, launches, Python): eager and, on CUDA, replaying its
+    CUDA graph (captured by the warm-up call, before timing); the "reference" row
+    is the plain-PyTorch loop. Bytes: 50 times a step's (x_t, the 2B-row output,
+    x_prev), not counting the model's concatenation; working set: one step's,
+    since every step rereads the same latents."""
     table = _table(device)
     labels = torch.zeros(shape[0], dtype=torch.int64, device=device)
     model = _Identity()

@@ -3,15 +3,12 @@
 Baselines are the PyTorch a user would write: the "reference" row (every
 speed-up is against it) counts with ``bincount``, sums with ``index_add_`` and
 then runs the elementwise update of vqkernels/reference/ema.py; the "one-hot"
-row sums with ``F.one_hot(indices, K).float().T @ z`` (an N x K matrix, so only
-where it has at most ``ONE_HOT_MAX_ELEMENTS`` entries). Every callable owns a
-fresh copy of the state and updates it in place on the same z and indices.
-
-Floor: bytes = z read once (N D s) + indices (8 N) + cluster_size read and
-written (8 K) + embed_sum read and written (8 K D) + codebook written (K D s);
-FLOPs N D (the sums) + ~6 K D (the update), far below any ceiling, so the op is
-memory-bound. On a GPU the deterministic mode of each kernel backend is timed
-too ("<backend>-deterministic"); on a CPU every path already is.
+row sums with ``F.one_hot(indices, K).float().T @ z``, only where that N x K
+matrix has at most ``ONE_HOT_MAX_ELEMENTS`` entries. Every callable updates its
+own copy of the state in place on the same z and indices. The op is
+memory-bound (``_case`` counts its bytes and FLOPs). On a GPU each kernel
+backend's deterministic mode is timed too (``<backend>-deterministic``); on a
+CPU every path already is deterministic.
 """
 from __future__ import annotations
 
@@ -24,7 +21,7 @@ from vqkernels.bench.cases import REFERENCE, Case, usable_backends
 from vqkernels.ops import ema
 from vqkernels.reference import ema as reference_ema
 
-# DESIGN.md's shapes at N = 65536 on a GPU; the issue's CPU targets on a CPU.
+# docs/ARCHITECTURE.md's shapes at N = 65536 on a GPU; two of them on a CPU.
 GPU_SHAPES = ((65536, 1024, 256), (65536, 16384, 256), (65536, 16384, 8), (65536, 65536, 32))
 CPU_SHAPES = ((65536, 1024, 256), (65536, 16384, 8))
 GPU_DTYPES = (torch.bfloat16, torch.float32)
@@ -64,6 +61,9 @@ def _state(k, d, device, dtype):
 
 
 def _case(device, n, k, d, dtype) -> Case:
+    """Bytes (s: z's item size): z read once (N D s) + indices (8 N) + cluster_size
+    read and written (8 K) + embed_sum read and written (8 K D) + codebook written
+    (K D s). FLOPs: N D (the sums) + ~6 K D (the update), far below any ceiling."""
     z = torch.randn(n, d, device=device, dtype=dtype)
     indices = torch.randint(0, k, (n,), device=device)
     fns = {REFERENCE: functools.partial(torch_ema_update, *_state(k, d, device, dtype), z,

@@ -1,19 +1,12 @@
 """Readers for what ``scripts/gpu_check.sh`` leaves behind, for ``vqkernels.bench.summary``.
 
-Every reader takes a path that may be missing or cut short (a step that
-failed or timed out) and returns None or what it could read, never raises
-on bad input: a summary must still be written. Inputs:
-
-- the steps file: one ``name<TAB>status<TAB>exit<TAB>seconds<TAB>note`` line
-  per step, status one of ``ok``, ``failed``, ``timed out``, ``not run``;
-- the junit XML of ``pytest -m cuda`` (xunit1 or xunit2), else its ``-v`` log;
-- the compute-sanitizer log of ``pytest -v`` run under memcheck: each error
-  record is charged to the test whose id pytest printed last before it;
-- the selftest JSON (``python -m vqkernels selftest --json``) and bench JSON.
-
-Tests and selftest rows are sorted into the bench's op families
-(``FAMILIES``) and backends (``cuda``, ``triton``, ``reference``, ``cpu``;
-``any`` for a test that names none).
+Any input may be missing or cut short (a step that failed or timed out), and a
+summary must still be written, so every reader returns an empty result or
+what it could read and never raises on bad input. Inputs: the steps file
+(``read_steps``), the junit XML of ``pytest -m cuda`` or else its ``-v`` log,
+the compute-sanitizer log of ``pytest -v`` under memcheck, and the selftest
+and bench JSON. Tests and selftest rows are sorted into the bench's op
+families (``FAMILIES``) and backends (``classify``).
 """
 from __future__ import annotations
 
@@ -88,7 +81,11 @@ class Memcheck:
 
 
 def read_steps(path: str | Path | None) -> dict[str, Step]:
-    """The steps file as name -> Step (later lines win); {} when missing."""
+    """The steps file as name -> Step (later lines win); {} when missing.
+
+    One ``name<TAB>status<TAB>exit<TAB>seconds<TAB>note`` line per step, status
+    one of ``STEP_STATUSES``; other lines are skipped.
+    """
     steps = {}
     for line in _text(path).splitlines():
         name, status, code, seconds, note = (line.split("\t") + [""] * 5)[:5]
@@ -100,7 +97,8 @@ def read_steps(path: str | Path | None) -> dict[str, Step]:
 
 
 def read_junit(path: str | Path | None) -> list[TestResult] | None:
-    """The test cases of a junit XML; None when missing or not junit (e.g. cut short)."""
+    """The test cases of a junit XML (xunit1 or xunit2); None when missing or not junit
+    (e.g. cut short)."""
     text = _text(path)
     if not text:
         return None
@@ -134,7 +132,11 @@ def read_pytest_log(path: str | Path | None) -> list[TestResult] | None:
 
 
 def read_sanitizer_log(path: str | Path | None) -> Memcheck | None:
-    """Tests finished under memcheck and the error records charged to each; None if no log."""
+    """Tests finished under memcheck and the error records charged to each; None if no log.
+
+    The log is of ``pytest -v`` run under compute-sanitizer: each error record is
+    charged to the test whose id pytest printed last before it.
+    """
     text = _text(path)
     if not text:
         return None
@@ -162,7 +164,8 @@ def _scan_verbose_log(text: str) -> Memcheck:
 
 
 def classify(test_id: str, outcome: str) -> TestResult:
-    """A test's op family (from its module) and backend (from its name and parameters)."""
+    """A test's op family (from its module) and backend (from its name and parameters):
+    ``cuda``, ``triton``, ``reference``, ``cpu``, or ``any`` for a test that names none."""
     module = Path(test_id.split("::")[0]).stem
     name = test_id.split("::")[-1]
     params = name[name.index("[") + 1:-1].split("-") if "[" in name else []

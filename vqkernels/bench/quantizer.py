@@ -1,21 +1,14 @@
 """Benchmark cases of the quantizer modules' training step (forward + backward).
 
-Each step runs the module in training mode on a fresh-random batch and
+Each step runs a module in training mode on a fresh-random batch and
 backpropagates ``(quantize * upstream).sum() + loss`` to the input and the
-parameters. Baselines are the modules a user would otherwise train with:
-
-- ``taming``: ``vqkernels.VectorQuantizer`` against taming-transformers'
-  ``VectorQuantizer2`` as it is written in PyTorch (``TamingVectorQuantizer2``
-  below: the matmul-expansion distances, argmin, the embedding gather, both
-  loss terms, the straight-through output), the "reference" row;
-- ``vqp``: ``vqkernels.VectorQuantize`` (EMA codebook) against
-  vector-quantize-pytorch's ``VectorQuantize`` with the same estimator
-  (``rotation_trick=False``), the "reference" row. Left out when
-  vector-quantize-pytorch (a test dependency) is not installed.
-
-Floor: the search's 2 N K D FLOPs at fp32 (the modules' default precision,
-"ieee"); bytes: z, the upstream gradient and the codebook read, z_q and z's
-gradient written once.
+parameters. The "reference" row is the module a user would otherwise train:
+for ``taming``, taming-transformers' ``VectorQuantizer2`` as written in PyTorch
+(``TamingVectorQuantizer2``) against ``vqkernels.VectorQuantizer``; for
+``vqp``, vector-quantize-pytorch's ``VectorQuantize`` with the same estimator
+(``rotation_trick=False``; left out when it is not installed) against
+``vqkernels.VectorQuantize``. The floor counts the search's 2 N K D FLOPs at
+fp32 (the modules' default precision, "ieee"); ``_case`` counts the bytes.
 """
 from __future__ import annotations
 
@@ -28,7 +21,7 @@ from vqkernels.bench.cases import REFERENCE, Case
 from vqkernels.nn import VectorQuantize, VectorQuantizer
 from vqkernels.nn.quantizer import _TamingQuantizerBase
 
-# (N, K, D): DESIGN.md's shapes whose baselines fit an 80 GB GPU at N = 65536 (the
+# (N, K, D): docs/ARCHITECTURE.md's shapes whose baselines fit an 80 GB GPU at N = 65536 (the
 # N x K fp32 distances are 4 GiB at K = 16384); N = 16384 on a CPU.
 GPU_SHAPES = ((65536, 1024, 256), (65536, 16384, 256), (65536, 16384, 8))
 CPU_SHAPES = ((16384, 1024, 256), (16384, 16384, 8))
@@ -36,7 +29,9 @@ TOKENS_PER_IMAGE = 1024  # a 32 x 32 latent
 
 
 class TamingVectorQuantizer2(_TamingQuantizerBase):
-    """taming-transformers' ``VectorQuantizer2`` forward, the plain-PyTorch baseline."""
+    """taming-transformers' ``VectorQuantizer2`` forward, the plain-PyTorch baseline: the
+    matmul-expansion distances, argmin, the embedding gather, both loss terms and the
+    straight-through output."""
 
     def _quantize(self, z):
         e = self.embedding.weight
@@ -92,6 +87,8 @@ def _vqp_case(device, n, k, d) -> Case:
 
 
 def _case(kind, n, k, d, modules, x, upstream, loss_at) -> Case:
+    """Bytes (fp32): z, the upstream gradient and the codebook read, z_q and z's
+    gradient written once."""
     fns = {name: functools.partial(train_step, module.train(), x, upstream, loss_at)
            for name, module in modules.items()}
     return Case(op="quantizer", shape=f"{kind}-train-N{n}xK{k}xD{d}", fns=fns,

@@ -1,21 +1,10 @@
 """Benchmark output: the table on screen, the JSON record and the speed-up plot.
 
-JSON keys: ``device`` (name), ``versions`` (python, torch, triton, vqkernels),
-``extension`` (``vqkernels._ext.build_info()``), ``date`` (ISO 8601, UTC),
-``host``, ``ceilings`` (``vqkernels.bench.ceilings``: ``bandwidth`` B/s of
-``memory``, ``levels`` of cache above it, ``flops`` per dtype, their
-``source``, and on a GPU ``measured``: copy bandwidth and GEMM FLOP/s measured
-at start), ``quick``, ``triton_interpret`` and ``rows``: one per (op, shape,
-backend) with ``time_us``, ``speedup`` (reference time / this time),
-``bytes``, ``working_set``, ``flops``, ``flop_dtype``, ``bound``,
-``memory_level``, ``achieved`` + ``achieved_unit``, ``floor_us``,
-``ceiling_pct``, ``x_from_floor``, ``ceiling_problem`` (why a time under its
-floor got no percentage), ``measured_ceiling_pct`` + ``measured_ceiling_problem``
-(against the ceilings measured at start; null off GPUs in the table) and
-``peak_mib`` (null when it could not be measured).
-
-``python -m vqkernels.bench.report BENCH_JSON PNG`` plots a saved run again
-(e.g. one from a machine without matplotlib).
+The JSON record (``write_json`` lists its keys) keeps the device, versions,
+build, date and ceilings next to every row, so a saved run can be judged and
+compared later without the machine it ran on. ``python -m
+vqkernels.bench.report BENCH_JSON PNG`` plots a saved run again (e.g. one
+from a machine without matplotlib).
 """
 from __future__ import annotations
 
@@ -135,6 +124,22 @@ def _flops(ceilings: dict) -> str:
 
 
 def write_json(path: str, rows: list[dict], meta: dict) -> None:
+    """``meta`` (``metadata``) and ``rows`` as one JSON document at ``path``.
+
+    Keys: ``device`` (name), ``versions`` (python, torch, triton, vqkernels),
+    ``extension`` (``vqkernels._ext.build_info()``), ``date`` (ISO 8601, UTC),
+    ``host``, ``ceilings`` (``vqkernels.bench.ceilings``: ``bandwidth`` B/s of
+    ``memory``, ``levels`` of cache above it, ``flops`` per dtype, their
+    ``source``, and on a GPU ``measured``: copy bandwidth and GEMM FLOP/s
+    measured at start), ``quick``, ``triton_interpret`` and ``rows``: one per
+    (op, shape, backend) with ``time_us``, ``speedup`` (reference time / this
+    time), ``bytes``, ``working_set``, ``flops``, ``flop_dtype``, ``bound``,
+    ``memory_level``, ``achieved`` + ``achieved_unit``, ``floor_us``,
+    ``ceiling_pct``, ``x_from_floor``, ``ceiling_problem`` (why a time under
+    its floor got no percentage), ``measured_ceiling_pct`` +
+    ``measured_ceiling_problem`` (against the ceilings measured at start; null
+    off GPUs in the table) and ``peak_mib`` (null when it could not be measured).
+    """
     with open(path, "w") as out:
         json.dump({**meta, "rows": rows}, out, indent=2)
         out.write("\n")

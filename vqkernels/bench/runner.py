@@ -1,18 +1,12 @@
 """Times each backend of each case and judges it against the device's ceilings.
 
-Measured per callable, after one warm-up call (JIT compilation, page faults):
-
-- time: on CUDA the median of ``triton.testing.do_bench`` (CUDA events around
-  each launch, L2 flushed between runs); on CPU the median of
-  ``torch.utils.benchmark.Timer.blocked_autorange`` using all intra-op threads;
-- peak memory: the most bytes live during one call beyond what was allocated
-  before it (output included). CUDA: ``torch.cuda.max_memory_allocated``; CPU:
-  the running sum of the profiler's allocation/free events; None if unknown;
-- the floor: ``bytes / bandwidth`` or ``flops / peak FLOP/s``, whichever is
-  longer, with the bandwidth of the memory level the case's working set fits in
-  and the ceilings of ``vqkernels.bench.ceilings`` (``GPU_CEILINGS`` for known
-  GPUs, measured on CPUs). A time under its floor means the ceiling was
-  measured too low: ``judge`` reports that instead of a percentage over 100.
+For every callable, after one warm-up call (JIT compilation, page faults), a
+row records the median time (``time_seconds``), the most memory one call adds
+(``peak_memory_bytes``), the speed-up over the reference, and the floor time
+that the case's bytes and FLOPs allow at the ceilings of
+``vqkernels.bench.ceilings`` (``judge``). A time under its floor means a
+ceiling was measured too low, so it is reported as such rather than as a
+percentage over 100.
 """
 from __future__ import annotations
 
@@ -29,7 +23,12 @@ from vqkernels.bench.ceilings import (GPU_CEILINGS, device_ceilings,  # noqa: F4
 
 def time_seconds(fn: Callable, device: torch.device, quick: bool,
                  repeat_best: bool = False) -> float:
-    """Median seconds per call of ``fn`` (best of a few when ``repeat_best``)."""
+    """Median seconds per call of ``fn`` (best of a few when ``repeat_best``), after a warm-up.
+
+    On CUDA ``triton.testing.do_bench`` (CUDA events around each launch, L2
+    flushed between runs; plain CUDA events without Triton); on CPU
+    ``torch.utils.benchmark.Timer.blocked_autorange`` using all intra-op threads.
+    """
     fn()
     if device.type == "cuda":
         return _cuda_seconds(fn, device, quick, "min" if repeat_best else "median")
@@ -71,7 +70,11 @@ def _cuda_event_seconds(fn: Callable, reps: int) -> float:
 
 
 def peak_memory_bytes(fn: Callable, device: torch.device) -> int | None:
-    """Most bytes live during one call of ``fn`` beyond those allocated before it."""
+    """Most bytes live during one call of ``fn`` beyond those allocated before it.
+
+    The output counts too. CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
+    running sum of the profiler's allocation and free events; None if unknown.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,22 +1,14 @@
 """``python -m vqkernels.bench.summary``: the one-page verdict of ``scripts/gpu_check.sh``.
 
-Reads the steps file, the junit XML of ``pytest -m cuda`` (else its ``-v``
-log), the selftest JSON, the compute-sanitizer log and bench.json (any of
-them may be missing: a step failed, timed out or did not run) and writes
-summary.md:
-
-- the steps (status, exit code, seconds);
-- per op family and backend: parity (pytest and selftest: passed / failed /
-  not run, with counts), memcheck (clean / errors / not run), the speed-ups
-  against the targets of ``vqkernels.bench.targets`` and the % of the device
-  ceiling (the table's and, on a GPU, the one measured at start);
-- every target next to what the run measured;
-- the ``auto`` backend orders the bench rows support;
-- what failed: tests, selftest checks, memcheck errors, ceiling problems.
-
-With ``--fill-missing`` it also writes a "not run" bench.json, bench.png
-and junit XML where those are missing, so the output folder always holds
-the same files.
+A GPU session may be cut off at any step, so this reads whatever the run left
+(the steps file, the junit XML of ``pytest -m cuda`` or else its ``-v`` log,
+the selftest JSON, the compute-sanitizer log, bench.json; any may be missing)
+and always writes summary.md: per op family and backend the parity, memcheck,
+speed-ups against ``vqkernels.bench.targets`` and % of ceiling, plus the
+steps, the targets, the ``auto`` orders and what failed (``format_summary``).
+With ``--fill-missing`` it also writes "not run" stand-ins for a missing
+bench.json, bench.png and junit XML, so the output folder always holds the
+same files.
 """
 from __future__ import annotations
 
@@ -62,7 +54,16 @@ def gather(args: argparse.Namespace) -> Evidence:
 
 
 def format_summary(ev: Evidence) -> str:
-    """summary.md: verdict, steps, the family x backend table, targets, auto orders, failures."""
+    """summary.md: verdict, steps, the family x backend table, targets, auto orders, failures.
+
+    Per op family and backend: parity (pytest and selftest: passed / failed /
+    not run, with counts), memcheck (clean / errors / not run), the speed-ups
+    against the targets of ``vqkernels.bench.targets`` and the % of the device
+    ceiling (the table's and, on a GPU, the one measured at start). Then every
+    target next to what the run measured, the ``auto`` backend orders the bench
+    rows support, and what failed: tests, selftest checks, memcheck errors,
+    ceiling problems.
+    """
     rows = ev.bench["rows"] if ev.bench else []
     verdicts = targets.evaluate(rows)
     sections = [

@@ -1,19 +1,13 @@
 """vector-quantize-pytorch's ``VectorQuantize`` (EMA codebook) on vqkernels.ops, and its twin.
 
-Follows vector-quantize-pytorch 1.32 (its ``Codebook``): buffers, init, the
-order of a training step (quantize with the codebook as it is, then the EMA
-update, then dead-code restarts), the k-means init on the first batch.
-
-Training under ``torch.distributed`` (NCCL on GPUs, gloo on CPU: the same code
-path). With ``sync_codebook`` (default: a multi-rank group is initialized)
-each training step all-reduces one flat (K, 1 + D) ``[counts | sums]`` buffer
-and feeds it to ``ops.ema_update_(..., stats=...)``, so every rank holds the
-same codebook, equal to one process training on the concatenated batch. The
-k-means init (``sync_kmeans``) and the dead-code restarts draw their rows from
-the concatenated batch the same way on every rank (vqkernels/ops/codebook_init.py).
-Wrap the model in DDP as usual: the codebook is a buffer that every rank
-already holds, so DDP's buffer broadcast (``broadcast_buffers=False`` skips it)
-changes nothing.
+``VectorQuantize`` follows vector-quantize-pytorch 1.32 (its ``Codebook``):
+buffers, init, the order of a training step (quantize with the codebook as it
+is, then the EMA update, then dead-code restarts), the k-means init on the
+first batch; so existing training code and checkpoints carry over, while each
+step runs on the fused ops. ``ReferenceVectorQuantize`` is the same module on
+the pure-PyTorch reference ops, for parity tests. Under ``torch.distributed``
+every rank holds the same codebook, the one a single process would train on
+the concatenated batch (``VectorQuantize`` says how).
 """
 from __future__ import annotations
 
@@ -283,6 +277,17 @@ class VectorQuantize(_VectorQuantizeBase):
     and the restarts ``ops.replace_dead_codes_``: no host sync in a training
     step (one, once, until the k-means init is done). Extras: ``precision`` and
     ``backend``, passed to the ops.
+
+    Under ``torch.distributed`` (NCCL on GPUs, gloo on CPU: the same code path),
+    with ``sync_codebook`` (default: when a multi-rank group is initialized),
+    each training step all-reduces one flat (K, 1 + D) ``[counts | sums]``
+    buffer and feeds it to ``ops.ema_update_(..., stats=...)``, so every rank
+    holds the same codebook, equal to one process training on the concatenated
+    batch. The k-means init (``sync_kmeans``) and the dead-code restarts draw
+    their rows from the concatenated batch the same way on every rank
+    (vqkernels/ops/codebook_init.py). Wrap the model in DDP as usual: the
+    codebook is a buffer every rank already holds, so DDP's buffer broadcast
+    (``broadcast_buffers=False`` skips it) changes nothing.
     """
 
     def __init__(self, dim, codebook_size, codebook_dim=None, *, precision: str | None = None,

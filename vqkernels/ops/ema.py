@@ -1,22 +1,13 @@
 """EMA codebook update (VQ-VAE-EMA, Sonnet) and its per-code statistics, the public ops.
 
 ``code_counts_and_sums`` makes one pass over z; ``ema_update_`` adds a small
-per-code finalize and writes the state and the codebook in place. A caller
-that all-reduces the statistics across processes computes them first and
-passes ``stats=(counts, sums)`` to ``ema_update_``.
-
-Backends: C++ CPU, CUDA, Triton, and the reference. ``auto`` order: on CPU the
-C++ kernel (measured 2-13x the torch bincount + index_add_ + update, see
-benchmarks/bench_ema.py); on CUDA the CUDA kernels, then Triton (both one
-atomic pass over z and a two-launch finalize; CUDA first for its fewer
-launches: provisional, to be confirmed by the GPU benchmark) once both are
-verified on the GPU, until then Triton first (``vqkernels._dispatch``).
-
-Out-of-range indices: on a CPU tensor they raise ValueError before any state
-is written (the C++ kernel checks while counting; the reference and the Triton
-interpreter check in Python, a host read that is free on a CPU, and skipped
-while torch.compile traces the reference). On a GPU nothing is checked on the
-host (no sync): every kernel skips such rows, which then count for no code.
+per-code finalize and writes the state and the codebook in place. They are
+separate so that a caller can all-reduce the statistics across processes and
+pass them as ``ema_update_(..., stats=(counts, sums))``. Backends: C++ CPU,
+CUDA, Triton (on a GPU both do one atomic pass over z and a two-launch
+finalize) and the reference; ``DISPATCH`` says which ``auto`` prefers.
+Out-of-range indices raise on a CPU and are skipped on a GPU, where checking
+them would cost a host sync (``code_counts_and_sums``).
 """
 from __future__ import annotations
 
@@ -117,6 +108,9 @@ STATS_DISPATCH = OpDispatch(
     auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
 )
 
+# auto on CUDA (both dispatches): each GPU backend makes one atomic pass over z; CUDA
+# goes first for its fewer launches, a choice the GPU benchmark is to confirm. Until both
+# are verified on a GPU, vqkernels._dispatch tries Triton first.
 DISPATCH = OpDispatch(
     op="ema_update_",
     backends={
@@ -145,8 +139,15 @@ def code_counts_and_sums(
         sums[k, :] = sum_{n : indices[n] = k} z[n, :]           float32 (K, D)
 
     ``z`` (N, D) float32 / float16 / bfloat16 (float64 on CPU), accumulated in
-    float32; ``indices`` (N,) int64 or int32 in [0, num_codes) (see the module
-    docstring for out-of-range rows). ``deterministic``: see ``ema_update_``.
+    float32; ``indices`` (N,) int64 or int32 in [0, num_codes).
+    ``deterministic``: see ``ema_update_``.
+
+    Out-of-range indices: on a CPU tensor they raise ValueError before anything
+    is written (the C++ kernel checks while counting; the reference and the
+    Triton interpreter check in Python, a host read that is free on a CPU, and
+    skipped while torch.compile traces the reference). On a GPU nothing is
+    checked on the host (no sync): every kernel skips such rows, which then
+    count for no code.
     """
     _check_int("num_codes", num_codes, minimum=1)
     _validate_batch(z, indices)
@@ -186,9 +187,11 @@ def ema_update_(
     updated through one contiguous copy, written back; an expanded one raises
     ValueError). ``codebook`` (K, D) float32 or z's dtype, receives the result rounded to
     its dtype. ``z`` (N, D) float32 / float16 / bfloat16 (float64 on CPU) and
-    ``indices`` (N,) int64 / int32; or, instead of both, ``stats=(counts (K,),
-    sums (K, D))`` float32 (e.g. all-reduced across processes). ``0 <= decay
-    <= 1``; with ``bias_correction``, ``step >= 1`` and ``decay < 1``.
+    ``indices`` (N,) int64 / int32 (out-of-range rows as in ``code_counts_and_sums``:
+    on a CPU the error comes before any state is written); or, instead of both,
+    ``stats=(counts (K,), sums (K, D))`` float32 (e.g. all-reduced across
+    processes). ``0 <= decay <= 1``; with ``bias_correction``, ``step >= 1`` and
+    ``decay < 1``.
     Runs without autograd (``codebook`` may be a Parameter). Returns None.
 
     ``deterministic=True``: bitwise the same result on every run, CPU thread

@@ -3,20 +3,11 @@
 ``nearest_code`` never builds the N x K distance matrix: every backend tiles
 over codes with a running (min, argmin) per row. Backends: C++ CPU (blocked,
 BLAS on bounded tiles for large D), CUDA (SIMT fp32, aimed at small D), Triton
-(tensor-core tiles), and the reference.
-
-``auto`` order on CUDA: CUDA for D <= 64 (SIMT FMA wins when a GEMM tile
-would be mostly padding), Triton above. Provisional: set from the FLOP and
-padding count, to be confirmed by the H100 benchmark (benchmarks/bench_search.py).
-Until the CUDA kernel is verified on the GPU, Triton at every D (``vqkernels._dispatch``).
-
-``nearest_code_with_stats`` is the EMA training step's search: it also
-returns the per-code counts and sums of the rows. Triton computes them in the
-search kernel, from the rows it already holds; the CUDA search merges code
-splits across blocks (the winner is known only at the end), so there, and on
-the CPU, the statistics are a second pass (``code_counts_and_sums``). Which is
-faster on a GPU is for the "with-stats" cases of the search benchmark to say;
-``auto`` picks the search's backend either way.
+(tensor-core tiles) and the reference. ``auto`` on CUDA takes CUDA for
+D <= ``CUDA_AUTO_MAX_DIM``, where a GEMM tile would be mostly padding, and
+Triton above; until the CUDA kernel is verified on a GPU, ``vqkernels._dispatch``
+puts Triton first at every D. ``nearest_code_with_stats`` also returns the EMA
+statistics, fused into the search where a backend can.
 """
 from __future__ import annotations
 
@@ -33,7 +24,7 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL_DIM = 1024
-CUDA_AUTO_MAX_DIM = 64
+CUDA_AUTO_MAX_DIM = 64  # from FLOP and padding counts; the search benchmark is to confirm it
 
 
 def _dim_limit(max_dim):
@@ -123,9 +114,13 @@ def nearest_code_with_stats(
 
     For a training step: ``ema_update_(..., stats=(counts, sums))`` finishes
     it. The Triton backend reads z once (the search kernel adds each row into
-    its code's sums, with atomics); with ``deterministic=True``, and on the
-    other backends, the statistics are a second pass (the module docstring).
-    Arguments as ``nearest_code`` and ``code_counts_and_sums``.
+    its code's sums, with atomics, from the rows it already holds). The CUDA
+    search merges code splits across blocks, so the winner is known only at the
+    end: there, on the CPU and with ``deterministic=True``, the statistics are a
+    second pass (``code_counts_and_sums``). Which is faster on a GPU is for the
+    "with-stats" cases of the search benchmark to say; ``auto`` picks the
+    search's backend either way. Arguments as ``nearest_code`` and
+    ``code_counts_and_sums``.
     """
     precision = _validate(z, codebook, "l2", precision)
     chosen = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1])
