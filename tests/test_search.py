@@ -5,7 +5,7 @@ import torch
 import vqkernels
 from vqkernels import ops
 from vqkernels.reference import search as reference
-from conftest import kernel_backends
+from helpers import kernel_backends
 from vqkernels.testing import assert_code_stats, assert_nearest
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
