@@ -21,6 +21,19 @@ def kernel_backends():
     ]
 
 
+def backend_cases(cases, backends=None):
+    """(backend, device, *case) params, the backend's marks kept.
+
+    ``cases`` maps a backend's id (of ``backends``, default kernel_backends()) to
+    the tuples of values that backend runs, e.g. only the dtypes it takes.
+    """
+    def name(case):
+        return "-".join(str(v).replace("torch.", "") for v in case)
+    return [pytest.param(*param.values, *case, marks=param.marks,
+                         id="-".join(filter(None, (param.id, name(case)))))
+            for param in backends or kernel_backends() for case in cases[param.id]]
+
+
 def assert_close(actual, expected, what, atol=1e-12, rtol=1e-12):
     """torch.allclose, failing with the largest absolute error and both tensors."""
     expected = torch.as_tensor(expected, dtype=actual.dtype)

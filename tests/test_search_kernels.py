@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import kernel_backends
+from helpers import backend_cases
 from search_tools import (PRECISIONS, check_near_optimal, check_output_types,
                           check_reference_meets_bound, distance_tolerance, lattice_codes,
                           random_problem, run_kernel, separated_problem)
@@ -38,14 +38,6 @@ def grid(dtypes, precisions, shapes):
     """(dtype, precision, N, K, D) for every combination."""
     return [(dtype, precision, *shape)
             for dtype, precision, shape in itertools.product(dtypes, precisions, shapes)]
-
-
-def backend_cases(cases):
-    """(backend, device, *case) params; ``cases`` maps a kernel_backends() id to its cases."""
-    def name(case):
-        return "-".join(str(v).replace("torch.", "") for v in case)
-    return [pytest.param(*param.values, *case, marks=param.marks, id=f"{param.id}-{name(case)}")
-            for param in kernel_backends() for case in cases[param.id]]
 
 
 def per_backend(make_cases):
