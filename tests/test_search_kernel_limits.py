@@ -144,8 +144,9 @@ def test_memory_is_not_n_by_k():
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.1f} MiB"
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.interpreter),
-                                    pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", [  # ids name the backend, for vqkernels/bench/evidence.py
+    pytest.param("cpu", marks=pytest.mark.interpreter, id="triton-interp"),
+    pytest.param("cuda", marks=pytest.mark.cuda, id="triton-cuda")])
 @pytest.mark.parametrize("family,precision", [("half", "ieee"), ("fp32", "tf32"), ("fp32", "bf16"),
                                               ("fp32_ieee", "ieee")])
 def test_every_triton_tuning_config(device, family, precision, generator):
