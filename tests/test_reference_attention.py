@@ -143,7 +143,7 @@ def test_modulate_matches_layer_norm(b, n, c, generator):
 )
 def test_modulate_low_precision(dtype, tol, generator):
     x = _randn(2, 5, 24, generator=generator).to(dtype)
-    shift, scale = _randn(2, 24, generator=generator).to(dtype), _randn(2, 24, generator=generator).to(dtype)
+    shift, scale = (_randn(2, 24, generator=generator).to(dtype) for _ in range(2))
     out = adaln.modulate(x, shift, scale)
     assert out.dtype == dtype
     ref = adaln.modulate(x.double(), shift.double(), scale.double())
@@ -160,5 +160,6 @@ def test_gated_residual_hand_case():
 
 def test_gated_residual_zero_gate_is_identity_and_keeps_dtype(generator):
     x = _randn(2, 4, 8, generator=generator).to(torch.bfloat16)
-    out = adaln.gated_residual(x, torch.zeros(2, 8), _randn(2, 4, 8, generator=generator, dtype=torch.float32))
+    y = _randn(2, 4, 8, generator=generator, dtype=torch.float32)
+    out = adaln.gated_residual(x, torch.zeros(2, 8), y)
     assert out.dtype == torch.bfloat16 and torch.equal(out, x)

@@ -160,17 +160,26 @@ def test_every_triton_tuning_config(device, family, precision, generator):
         z, codebook, planted = separated_problem(300, 77, d, dtype, generator)
         z, codebook, planted = z.to(device), codebook.to(device), planted.to(device)
         for config in triton_search._CONFIGS[family]:
-            indices = torch.empty(300, dtype=torch.int64, device=device)
-            distances = torch.empty(300, device=device)
-            counts = torch.zeros(77, dtype=torch.int32, device=device)
-            sums = torch.zeros(77, d, device=device)
-            launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-            triton_search._TUNED[family].fn[lambda meta: (triton.cdiv(300, meta["BLOCK_N"]),)](
-                z, codebook, codebook.float().square().sum(1), indices, distances, counts, sums,
-                300, 77, D=d, PRECISION=precision, STATS=True, **config.kwargs,
-                **(launch if device == "cuda" else {}))
+            indices, distances, counts, sums = launch_one_config(family, config, z, codebook,
+                                                                 precision)
             assert torch.equal(indices, planted), f"{family} {precision} D={d} {config}"
             check_near_optimal("triton", z.cpu(), codebook.cpu(), indices.cpu(), distances.cpu(),
                                f"{family} D={d} {config}", precision)
             assert torch.equal(counts, torch.bincount(planted, minlength=77).int())
-            torch.testing.assert_close(sums, torch.zeros_like(sums).index_add_(0, planted, z.float()))
+            expected_sums = torch.zeros_like(sums).index_add_(0, planted, z.float())
+            torch.testing.assert_close(sums, expected_sums)
+
+
+def launch_one_config(family, config, z, codebook, precision):
+    """The search kernel with statistics at one autotuning config, bypassing the autotuner."""
+    (n, d), k = z.shape, codebook.shape[0]
+    indices = torch.empty(n, dtype=torch.int64, device=z.device)
+    distances = torch.empty(n, device=z.device)
+    counts = torch.zeros(k, dtype=torch.int32, device=z.device)
+    sums = torch.zeros(k, d, device=z.device)
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    triton_search._TUNED[family].fn[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        z, codebook, codebook.float().square().sum(1), indices, distances, counts, sums,
+        n, k, D=d, PRECISION=precision, STATS=True, **config.kwargs,
+        **(launch if z.device.type == "cuda" else {}))
+    return indices, distances, counts, sums

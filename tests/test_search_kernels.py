@@ -41,25 +41,31 @@ def grid(dtypes, precisions, shapes):
 
 
 def per_backend(make_cases):
-    """``make_cases(backend id, dtypes of that backend)`` for every kernel backend."""
-    return backend_cases({name: make_cases(name, dtypes) for name, dtypes in BACKEND_DTYPES.items()})
+    """(backend, device, *case) for every kernel backend, its cases ``make_cases(its dtypes)``."""
+    return backend_cases({name: make_cases(dtypes) for name, dtypes in BACKEND_DTYPES.items()})
 
 
+# (dtype, precision, N, K, D) per backend: the C++ kernels in "ieee" (and every mode at one
+# shape), Triton in every mode; the interpreter tiny fp32 shapes, a GPU larger ones.
 RANDOM = {
-    "cpu": grid(BACKEND_DTYPES["cpu"], ["ieee"], CPP_RANDOM_SHAPES)
-    + grid([F32], PRECISIONS, [PRECISION_SHAPE]),
-    "cuda": grid(GPU_DTYPES, ["ieee"], CPP_RANDOM_SHAPES) + grid([F32], PRECISIONS, [PRECISION_SHAPE]),
-    "triton-interp": grid([F32], PRECISIONS, [(37, 41, 3), (41, 37, 8), (23, 100, 1), (8, 33, 255)]),
-    "triton-cuda": grid(GPU_DTYPES, PRECISIONS, [(4099, 1031, 256), (2048, 16384, 8),
-                                                 (1000, 257, 1024), (2053, 4099, 3), (513, 97, 255)]),
+    "cpu": (grid(BACKEND_DTYPES["cpu"], ["ieee"], CPP_RANDOM_SHAPES)
+            + grid([F32], PRECISIONS, [PRECISION_SHAPE])),
+    "cuda": (grid(GPU_DTYPES, ["ieee"], CPP_RANDOM_SHAPES)
+             + grid([F32], PRECISIONS, [PRECISION_SHAPE])),
+    "triton-interp": grid([F32], PRECISIONS,
+                          [(37, 41, 3), (41, 37, 8), (23, 100, 1), (8, 33, 255)]),
+    "triton-cuda": grid(GPU_DTYPES, PRECISIONS,
+                        [(4099, 1031, 256), (2048, 16384, 8), (1000, 257, 1024), (2053, 4099, 3),
+                         (513, 97, 255)]),
 }
 SEPARATED = {
     "cpu": grid(BACKEND_DTYPES["cpu"], ["ieee"], CPP_SEPARATED_SHAPES),
     "cuda": grid(GPU_DTYPES, ["ieee"], CPP_SEPARATED_SHAPES),
-    "triton-interp": grid([F32], PRECISIONS, [(37, 41, 3), (41, 37, 7), (33, 60, 1), (16, 1, 5),
-                                              (9, 13, 255)]),
-    "triton-cuda": grid(GPU_DTYPES, PRECISIONS, [(4099, 1031, 256), (3001, 16384, 8), (1, 1, 1),
-                                                 (1000, 257, 1024), (2053, 4099, 3), (513, 97, 255)]),
+    "triton-interp": grid([F32], PRECISIONS,
+                          [(37, 41, 3), (41, 37, 7), (33, 60, 1), (16, 1, 5), (9, 13, 255)]),
+    "triton-cuda": grid(GPU_DTYPES, PRECISIONS,
+                        [(4099, 1031, 256), (3001, 16384, 8), (1, 1, 1), (1000, 257, 1024),
+                         (2053, 4099, 3), (513, 97, 255)]),
 }
 
 
@@ -103,7 +109,7 @@ def test_separated_data_exact_indices(backend, device, dtype, precision, n, k, d
 
 
 @pytest.mark.parametrize("backend,device,dtype,d", per_backend(
-    lambda name, dtypes: list(itertools.product(dtypes, (2, 8, 64)))))
+    lambda dtypes: list(itertools.product(dtypes, (2, 8, 64)))))
 def test_duplicate_codes_go_to_the_lowest_index(backend, device, dtype, d, generator):
     """Copies of a code in its own SIMD lane, in others and across code tiles: the first wins."""
     k = 1500  # spans several register blocks and SIMD lanes, and code tiles of the GEMM path
@@ -126,7 +132,7 @@ def test_duplicate_codes_go_to_the_lowest_index(backend, device, dtype, d, gener
 
 
 @pytest.mark.parametrize("backend,device,dtype,precision", per_backend(
-    lambda name, dtypes: list(itertools.product(dtypes, PRECISIONS))))
+    lambda dtypes: list(itertools.product(dtypes, PRECISIONS))))
 def test_equidistant_codes_go_to_the_lowest_index(backend, device, dtype, precision, generator):
     """Duplicate codes and half-integer z equidistant from distinct codes; all values exact."""
     k = 70 if backend == "triton" and device == "cpu" else 1500  # several K tiles either way
@@ -147,8 +153,7 @@ def test_equidistant_codes_go_to_the_lowest_index(backend, device, dtype, precis
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's nanmin
 @pytest.mark.parametrize("backend,device,dtype,d", per_backend(
-    lambda name, dtypes: list(itertools.product([t for t in (F32, F64, torch.bfloat16)
-                                                 if t in dtypes], (3, 64)))))
+    lambda dtypes: [(t, d) for t in (F32, F64, torch.bfloat16) if t in dtypes for d in (3, 64)]))
 def test_nan_and_inf_rows(backend, device, dtype, d, generator):
     """A NaN row gets index 0 and distance NaN, an inf row index 0 and distance inf; a
     code holding a NaN is never chosen, even by a row sitting on the next code."""
@@ -170,7 +175,7 @@ def test_nan_and_inf_rows(backend, device, dtype, d, generator):
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's nanmin
 @pytest.mark.parametrize("backend,device,dtype,precision", per_backend(
-    lambda name, dtypes: list(itertools.product(dtypes, PRECISIONS))))
+    lambda dtypes: list(itertools.product(dtypes, PRECISIONS))))
 def test_nan_rows_and_a_nan_code(backend, device, dtype, precision, generator):
     """On separated data: NaN rows get index 0 and distance NaN, the other rows their own
     code; a code holding a NaN never wins, and no other row changes."""
@@ -200,7 +205,7 @@ def test_nan_rows_and_a_nan_code(backend, device, dtype, precision, generator):
 
 
 @pytest.mark.parametrize("backend,device,dtype", per_backend(
-    lambda name, dtypes: [(dtype,) for dtype in dtypes]))
+    lambda dtypes: [(dtype,) for dtype in dtypes]))
 def test_empty_batch_and_single_code(backend, device, dtype, generator):
     """N = 0 gives empty outputs; K = 1 gives index 0 and its distance in every precision."""
     empty, codebook = torch.randn(0, 5).to(dtype), torch.randn(3, 5).to(dtype)
