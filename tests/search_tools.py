@@ -25,10 +25,13 @@ TRITON_DIST_RTOL, TRITON_DIST_ATOL = 1e-5, 1e-6
 
 
 def run_kernel(backend, z, codebook, precision="ieee"):
-    """The backend's own kernel (no ops-layer validation or NaN fix-up); outputs on z's device."""
+    """The backend's own kernel (no ops-layer validation or NaN fix-up), its outputs'
+    dtypes, shapes and device checked; outputs on z's device."""
     sqnorm = codebook.float().square().sum(1)
     kernel = ops_search.DISPATCH.backends[backend].run
-    return kernel(z.contiguous(), codebook.contiguous(), sqnorm, precision)
+    indices, distances = kernel(z.contiguous(), codebook.contiguous(), sqnorm, precision)
+    check_output_types(z, indices, distances)
+    return indices, distances
 
 
 def distance_dtype(dtype):
