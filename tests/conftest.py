@@ -14,7 +14,7 @@ if not HAS_GPU:
 
 import pytest  # noqa: E402
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+from helpers import INTERPRETER  # noqa: E402  (reads TRITON_INTERPRET, set just above)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,16 +25,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "interpreter" in item.keywords and not INTERPRETER:
             item.add_marker(skip_interp)
-
-
-def kernel_backends():
-    """(backend, device) pairs for the compiled/JIT backends, marked by where they run."""
-    return [
-        pytest.param("cpu", "cpu", id="cpu"),
-        pytest.param("triton", "cpu", id="triton-interp", marks=pytest.mark.interpreter),
-        pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
-        pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
-    ]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from vqkernels import nn as vqnn
 from vqkernels import ops
 from vqkernels.reference import attention as reference
-from conftest import kernel_backends
+from helpers import kernel_backends
 from vqkernels.testing import assert_within_contract, attention_magnitudes
 
 OP = "attention"

@@ -7,7 +7,7 @@ import torch
 
 from vqkernels import ops
 from vqkernels.reference import ddim as reference
-from conftest import kernel_backends
+from helpers import kernel_backends
 from vqkernels.testing import assert_within_contract, max_abs
 
 OP = "ddim_step"

@@ -10,7 +10,7 @@ import torch
 import vqkernels
 from vqkernels import ops
 from vqkernels.reference import ema as reference
-from conftest import kernel_backends
+from helpers import kernel_backends
 from vqkernels.testing import assert_code_stats, assert_within_contract
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference")] + kernel_backends()

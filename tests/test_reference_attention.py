@@ -8,26 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_close
 from vqkernels.reference import adaln
 from vqkernels.reference import attention as attn
 
 F64 = torch.float64
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(*shape, seed, dtype=F64, requires_grad=False) -> torch.Tensor:
-    return torch.randn(*shape, generator=_gen(seed), dtype=dtype).requires_grad_(requires_grad)
-
-
-def _assert_close(actual, expected, what, atol=1e-12, rtol=1e-12):
-    expected = torch.as_tensor(expected, dtype=actual.dtype)
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (
-        f"{what}: max abs error {err:.3g}\nactual   {actual}\nexpected {expected}"
-    )
+def _randn(*shape, generator, dtype=F64, requires_grad=False) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_(requires_grad)
 
 
 # ------------------------------------------------------------------ attention
@@ -40,8 +29,8 @@ def test_attention_hand_case_with_known_softmax_weights():
     v = torch.tensor([[[[4.0, 0.0], [0.0, 8.0]]]], dtype=F64)  # dv = 2
     out, lse = attn.attention_lse(q, k, v)
     # query 1: logits 0, log 3 -> weights 1/4, 3/4; query 2: 0, 2 log 3 -> 1/10, 9/10
-    _assert_close(out, [[[[1.0, 6.0], [0.4, 7.2]]]], "out")
-    _assert_close(lse, [[[math.log(4.0), math.log(10.0)]]], "lse")
+    assert_close(out, [[[[1.0, 6.0], [0.4, 7.2]]]], "out")
+    assert_close(lse, [[[math.log(4.0), math.log(10.0)]]], "lse")
     assert out.shape == (1, 1, 2, 2) and lse.shape == (1, 1, 2)
 
 
@@ -50,56 +39,56 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     q = torch.tensor([[[[2.0, 0.0, 0.0, 0.0]]]], dtype=F64)  # d = 4: scale 1/2
     k = torch.tensor([[[[0.0, 5.0, 0.0, 0.0], [log3, 0.0, 0.0, 0.0]]]], dtype=F64)
     v = torch.tensor([[[[4.0], [0.0]]]], dtype=F64)
-    _assert_close(attn.attention(q, k, v), [[[[1.0]]]], "default scale")
+    assert_close(attn.attention(q, k, v), [[[[1.0]]]], "default scale")
     # scale 1: logits 0, 2 log 3 -> weights 1/10, 9/10
-    _assert_close(attn.attention(q, k, v, scale=1.0), [[[[0.4]]]], "scale=1")
+    assert_close(attn.attention(q, k, v, scale=1.0), [[[[0.4]]]], "scale=1")
 
 
 @pytest.mark.parametrize(
     "b, h, sq, sk, d", [(2, 3, 5, 11, 72), (1, 2, 17, 1, 64), (3, 1, 1, 7, 13)]
 )
-def test_matches_sdpa_in_float64(b, h, sq, sk, d):
-    q = _randn(b, h, sq, d, seed=1, requires_grad=True)
-    k = _randn(b, h, sk, d, seed=2, requires_grad=True)
-    v = _randn(b, h, sk, d, seed=3, requires_grad=True)
-    grad = _randn(b, h, sq, d, seed=4)
+def test_matches_sdpa_in_float64(b, h, sq, sk, d, generator):
+    q = _randn(b, h, sq, d, generator=generator, requires_grad=True)
+    k = _randn(b, h, sk, d, generator=generator, requires_grad=True)
+    v = _randn(b, h, sk, d, generator=generator, requires_grad=True)
+    grad = _randn(b, h, sq, d, generator=generator)
     out, lse = attn.attention_lse(q, k, v)
     expected = F.scaled_dot_product_attention(q, k, v)  # independent check only
-    _assert_close(out, expected, "out vs SDPA")
+    assert_close(out, expected, "out vs SDPA")
     logits = q @ k.transpose(-2, -1) / math.sqrt(d)
-    _assert_close(lse, torch.log(torch.exp(logits).sum(dim=-1)), "lse vs log(sum(exp))")
+    assert_close(lse, torch.log(torch.exp(logits).sum(dim=-1)), "lse vs log(sum(exp))")
 
     grads = torch.autograd.grad(out, (q, k, v), grad)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
     for name, g, e in zip("qkv", grads, expected_grads):
-        _assert_close(g, e, f"d{name} vs SDPA", atol=1e-10, rtol=1e-10)
+        assert_close(g, e, f"d{name} vs SDPA", atol=1e-10, rtol=1e-10)
 
 
-def test_value_dim_may_differ_from_head_dim():
-    q, k = _randn(2, 2, 3, 8, seed=5), _randn(2, 2, 6, 8, seed=6)
-    v = _randn(2, 2, 6, 5, seed=7)
+def test_value_dim_may_differ_from_head_dim(generator):
+    q, k = _randn(2, 2, 3, 8, generator=generator), _randn(2, 2, 6, 8, generator=generator)
+    v = _randn(2, 2, 6, 5, generator=generator)
     out = attn.attention(q, k, v, scale=0.3)
     weights = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1)
-    _assert_close(out, weights @ v, "out with dv != d")
+    assert_close(out, weights @ v, "out with dv != d")
     assert out.shape == (2, 2, 3, 5)
 
 
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2), (torch.float32, 1e-5)]
 )
-def test_low_precision_keeps_dtype_and_is_accurate(dtype, tol):
-    q, k, v = (_randn(2, 3, 9, 72, seed=s).to(dtype) for s in (8, 9, 10))
+def test_low_precision_keeps_dtype_and_is_accurate(dtype, tol, generator):
+    q, k, v = (_randn(2, 3, 9, 72, generator=generator).to(dtype) for _ in range(3))
     out, lse = attn.attention_lse(q, k, v)
     assert out.dtype == dtype and lse.dtype == torch.float32
     ref_out, ref_lse = attn.attention_lse(q.double(), k.double(), v.double())
-    _assert_close(out.double(), ref_out, "out vs float64", atol=tol, rtol=tol)
-    _assert_close(lse.double(), ref_lse, "lse vs float64", atol=1e-5, rtol=1e-5)
+    assert_close(out.double(), ref_out, "out vs float64", atol=tol, rtol=tol)
+    assert_close(lse.double(), ref_lse, "lse vs float64", atol=1e-5, rtol=1e-5)
 
 
-def test_large_logits_stay_finite():
-    q = 100.0 * _randn(1, 2, 4, 16, seed=11, dtype=torch.float32)
-    k = _randn(1, 2, 6, 16, seed=12, dtype=torch.float32)
-    v = _randn(1, 2, 6, 16, seed=13, dtype=torch.float32)
+def test_large_logits_stay_finite(generator):
+    q = 100.0 * _randn(1, 2, 4, 16, generator=generator, dtype=torch.float32)
+    k = _randn(1, 2, 6, 16, generator=generator, dtype=torch.float32)
+    v = _randn(1, 2, 6, 16, generator=generator, dtype=torch.float32)
     out, lse = attn.attention_lse(q, k, v, scale=10.0)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     logits = (q @ k.transpose(-2, -1)) * 10.0
@@ -111,10 +100,10 @@ def test_large_logits_stay_finite():
     assert (out <= v.amax(dim=-2, keepdim=True) + 1e-5).all()
 
 
-def test_constant_values_pass_through():
-    q, k = _randn(2, 2, 5, 4, seed=14), _randn(2, 2, 3, 4, seed=15)
+def test_constant_values_pass_through(generator):
+    q, k = _randn(2, 2, 5, 4, generator=generator), _randn(2, 2, 3, 4, generator=generator)
     v = torch.full((2, 2, 3, 4), 2.5, dtype=F64)
-    _assert_close(attn.attention(q, k, v, scale=3.0), torch.full((2, 2, 5, 4), 2.5), "out")
+    assert_close(attn.attention(q, k, v, scale=3.0), torch.full((2, 2, 5, 4), 2.5), "out")
 
 
 def test_empty_query_returns_empty():
@@ -138,27 +127,27 @@ def test_modulate_hand_case():
         [[-a * 2 + 0.5, a * 1 - 1.0], [0.5, -1.0]],  # constant row normalizes to 0
         [[-a * 0.5, a * 4 + 2.0], [b * 0.5, -b * 4 + 2.0]],
     ]
-    _assert_close(out, expected, "modulate")
+    assert_close(out, expected, "modulate")
 
 
 @pytest.mark.parametrize("b, n, c", [(2, 7, 72), (3, 1, 1152), (1, 5, 3)])
-def test_modulate_matches_layer_norm(b, n, c):
-    x = _randn(b, n, c, seed=16) * 3 + 1
-    shift, scale = _randn(b, c, seed=17), _randn(b, c, seed=18)
+def test_modulate_matches_layer_norm(b, n, c, generator):
+    x = _randn(b, n, c, generator=generator) * 3 + 1
+    shift, scale = _randn(b, c, generator=generator), _randn(b, c, generator=generator)
     expected = F.layer_norm(x, (c,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-    _assert_close(adaln.modulate(x, shift, scale), expected, "modulate vs F.layer_norm", atol=1e-10)
+    assert_close(adaln.modulate(x, shift, scale), expected, "modulate vs F.layer_norm", atol=1e-10)
 
 
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2), (torch.float32, 1e-5)]
 )
-def test_modulate_low_precision(dtype, tol):
-    x = _randn(2, 5, 24, seed=19).to(dtype)
-    shift, scale = _randn(2, 24, seed=20).to(dtype), _randn(2, 24, seed=21).to(dtype)
+def test_modulate_low_precision(dtype, tol, generator):
+    x = _randn(2, 5, 24, generator=generator).to(dtype)
+    shift, scale = (_randn(2, 24, generator=generator).to(dtype) for _ in range(2))
     out = adaln.modulate(x, shift, scale)
     assert out.dtype == dtype
     ref = adaln.modulate(x.double(), shift.double(), scale.double())
-    _assert_close(out.double(), ref, "modulate vs float64", atol=tol, rtol=tol)
+    assert_close(out.double(), ref, "modulate vs float64", atol=tol, rtol=tol)
 
 
 def test_gated_residual_hand_case():
@@ -166,10 +155,11 @@ def test_gated_residual_hand_case():
     gate = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]], dtype=F64)
     y = torch.arange(12, dtype=F64).reshape(2, 2, 3)
     expected = [[[1.0, 1.0, -1.0], [7.0, 1.0, -4.0]], [[4.0, 4.5, 5.0], [5.5, 6.0, 6.5]]]
-    _assert_close(adaln.gated_residual(x, gate, y), expected, "gated_residual")
+    assert_close(adaln.gated_residual(x, gate, y), expected, "gated_residual")
 
 
-def test_gated_residual_zero_gate_is_identity_and_keeps_dtype():
-    x = _randn(2, 4, 8, seed=22).to(torch.bfloat16)
-    out = adaln.gated_residual(x, torch.zeros(2, 8), _randn(2, 4, 8, seed=23, dtype=torch.float32))
+def test_gated_residual_zero_gate_is_identity_and_keeps_dtype(generator):
+    x = _randn(2, 4, 8, generator=generator).to(torch.bfloat16)
+    y = _randn(2, 4, 8, generator=generator, dtype=torch.float32)
+    out = adaln.gated_residual(x, torch.zeros(2, 8), y)
     assert out.dtype == torch.bfloat16 and torch.equal(out, x)

@@ -4,37 +4,29 @@ import torch
 
 import vqkernels
 from vqkernels import ops
+from helpers import backend_cases, kernel_backends
+from search_tools import separated_problem
 from vqkernels.reference import search as reference
-from conftest import kernel_backends
 from vqkernels.testing import assert_code_stats, assert_nearest
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REFERENCE = pytest.param("reference", "cpu", id="reference")
+# The dtypes each backend runs here: the interpreter tests run fp32.
+DTYPE_CASES = {"reference": [(t,) for t in DTYPES], "cpu": [(t,) for t in DTYPES],
+               "triton-interp": [(torch.float32,)], "cuda": [(t,) for t in DTYPES],
+               "triton-cuda": [(t,) for t in DTYPES]}
+KERNEL_DTYPES = backend_cases(DTYPE_CASES)  # (backend, device, dtype)
+BACKEND_DTYPES = backend_cases(DTYPE_CASES, [REFERENCE] + kernel_backends())
 
 
-def separated(n, k, d, generator, dtype=torch.float32):
-    """Codes spread far apart and points close to one of them: one right answer each."""
-    codebook = torch.randn(k, d, generator=generator) * 10
-    truth = torch.randint(0, k, (n,), generator=generator)
-    z = codebook[truth] + 0.01 * torch.randn(n, d, generator=generator)
-    return z.to(dtype), codebook.to(dtype), truth
-
-
-def skip_unsupported(backend, device, dtype):
-    if dtype != torch.float32 and device == "cpu" and backend == "triton":
-        pytest.skip("the interpreter tests run fp32")
-
-
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device,dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("n,k,d", [(0, 5, 3), (1, 1, 1), (37, 41, 3), (64, 17, 7), (29, 1, 16),
                                    (13, 200, 255)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nearest_code_exact_on_separated_data(backend, device, n, k, d, dtype, generator):
-    skip_unsupported(backend, device, dtype)
-    z, codebook, truth = separated(n, k, d, generator, dtype)
-    if k > 1 and len(set(truth.tolist())) and codebook.unique(dim=0).shape[0] < k:
-        pytest.skip("duplicate codes after rounding")
+def test_nearest_code_exact_on_separated_data(backend, device, dtype, n, k, d, generator):
+    """Well-separated data (distinct lattice codes, exact in every dtype): the planted codes."""
+    z, codebook, truth = separated_problem(n, k, d, dtype, generator)
     indices, distances = ops.nearest_code(z.to(device), codebook.to(device), backend=backend)
-    assert torch.equal(indices.cpu(), truth) if k > 1 else bool((indices == 0).all())
+    assert torch.equal(indices.cpu(), truth)
     assert_nearest(z, codebook, indices, distances, ops.search.default_precision(dtype),
                    what=f"{backend} {dtype}")
 
@@ -49,17 +41,14 @@ def test_nearest_code_random_data(backend, device, precision, n, k, d, generator
     assert_nearest(z, codebook, indices, distances, precision, what=f"{backend} {precision}")
 
 
-@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference")]
-                         + kernel_backends())
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("n,k,d", [(0, 5, 3), (1, 1, 1), (97, 13, 7), (64, 3, 33), (50, 300, 5)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_nearest_code_with_stats(backend, device, n, k, d, dtype, deterministic, generator):
+def test_nearest_code_with_stats(backend, device, dtype, n, k, d, deterministic, generator):
     """The search of nearest_code and the statistics of code_counts_and_sums of its indices.
 
     On a GPU each shape is a new autotuning key: the fused Triton kernel runs once per
     config first, and the statistics must still count every row once."""
-    skip_unsupported(backend, device, dtype)
     z, codebook = torch.randn(n, d, generator=generator), torch.randn(k, d, generator=generator)
     z, codebook = z.to(dtype), codebook.to(dtype)
     indices, distances, counts, sums = ops.nearest_code_with_stats(

@@ -14,7 +14,7 @@ from vqkernels.__main__ import main
 from vqkernels._selftest import OPS, selftest
 from vqkernels._selftest_cases import K
 from vqkernels.ops import search, timestep
-from conftest import INTERPRETER
+from helpers import INTERPRETER
 
 ROW_KEYS = {"op", "dispatch", "backend", "dtype", "what", "error", "allowed", "passed", "message"}
 DOCUMENT_KEYS = {"device", "device_type", "capability", "versions", "date", "triton_interpret",

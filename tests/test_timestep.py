@@ -8,7 +8,7 @@ import torch
 import vqkernels
 from vqkernels import ops
 from vqkernels.reference import timestep as reference
-from conftest import kernel_backends
+from helpers import kernel_backends
 from vqkernels.testing import assert_within_contract
 
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,0 +1,43 @@
+"""Helpers shared by the test files (conftest.py keeps only fixtures and hooks).
+
+Import as ``from helpers import ...``: pytest puts tests/ on sys.path. conftest.py
+sets TRITON_INTERPRET before any test module (or this one) is imported.
+"""
+import os
+
+import pytest
+import torch
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_backends():
+    """(backend, device) pairs for the compiled/JIT backends, marked by where they run."""
+    return [
+        pytest.param("cpu", "cpu", id="cpu"),
+        pytest.param("triton", "cpu", id="triton-interp", marks=pytest.mark.interpreter),
+        pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+        pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
+    ]
+
+
+def backend_cases(cases, backends=None):
+    """(backend, device, *case) params, the backend's marks kept.
+
+    ``cases`` maps a backend's id (of ``backends``, default kernel_backends()) to
+    the tuples of values that backend runs, e.g. only the dtypes it takes.
+    """
+    def name(case):
+        return "-".join(str(v).replace("torch.", "") for v in case)
+    return [pytest.param(*param.values, *case, marks=param.marks,
+                         id="-".join(filter(None, (param.id, name(case)))))
+            for param in backends or kernel_backends() for case in cases[param.id]]
+
+
+def assert_close(actual, expected, what, atol=1e-12, rtol=1e-12):
+    """torch.allclose, failing with the largest absolute error and both tensors."""
+    expected = torch.as_tensor(expected, dtype=actual.dtype)
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (
+        f"{what}: max abs error {err:.3g}\nactual   {actual}\nexpected {expected}"
+    )
