@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqkernels.triton import _device
-from vqkernels.triton._math import _INTERPRETED
+from vqkernels.triton import _device, _interpreter
 
 PRECISIONS = ("ieee", "tf32", "bf16")
 
@@ -86,7 +85,7 @@ def _dot_codes(z, e, acc, PRECISION: tl.constexpr):
     dtype (their products are exact in fp32 whatever the mode).
     """
     e_t = tl.trans(e)
-    if _INTERPRETED:
+    if _interpreter.INTERPRETED:
         # The interpreter's dot ignores input_precision and cannot multiply
         # bf16 (it stores it as uint16), so the narrow tensor-core inputs are
         # emulated by rounding fp32 operands, then an exact fp32 product.
@@ -193,18 +192,9 @@ def _nearest_code_kernel(
                     other=0.0)
     else:
         z = 0.0
-    if _INTERPRETED:
-        # triton 3.6's interpreter cannot range() over a runtime bound with
-        # numpy >= 2.4 (int() of a 1-element array); a while loop works on both.
-        k0 = 0
-        while k0 < K:
-            best, best_idx = _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best,
-                                        best_idx, D, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
-            k0 += BLOCK_K
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            best, best_idx = _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best,
-                                        best_idx, D, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+    for k0 in _interpreter.runtime_range(0, K, BLOCK_K):
+        best, best_idx = _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best, best_idx,
+                                    D, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
 
     # A row with no finite score (inf or NaN in z) takes code 0 (docs/NUMERICS.md).
     best_idx = tl.where((best > float("-inf")) & (best < float("inf")), best_idx, 0)
@@ -281,7 +271,7 @@ def _launch(z, codebook, codebook_sqnorm, precision, indices, distances, stats):
     args = (z, codebook, codebook_sqnorm, indices, distances, counts, sums, n, codebook.shape[0])
     constants = dict(D=d, PRECISION=precision, STATS=stats is not None)
     with _device.on_device(z):
-        if _INTERPRETED:
+        if _interpreter.INTERPRETED:
             cfg = _INTERPRETER_CONFIG
             grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
             _nearest_code_kernel[grid](*args, **constants, BLOCK_D=_block_d(d, cfg["BLOCK_D_MAX"]),
