@@ -37,18 +37,14 @@ def _cfg(block_m, block_n, num_warps, num_stages):
 
 
 def _configs(dtype: torch.dtype, d: int) -> dict[str, dict]:
-    """Launch config of each kernel (``forward``, ``delta``, ``dkdv``, ``dq``) on an H100.
+    """Launch config of each kernel (``forward``, ``delta``, ``dkdv``, ``dq``); width = D0 + D1.
 
-    Fixed, not autotuned; each was compiled for sm_90 (tests/test_triton_sm90.py)
-    and checked with ptxas for register spills, width = D0 + D1. Half dtypes:
-    the forward is FlashAttention-2's 128 x 64 tile in 8 warps (two wgmma
-    warpgroups) with a 3-stage K/V pipeline (80 KiB of shared memory at
-    d = 72, 128 KiB at 128); the backward keeps two (64, width) fp32
-    accumulators and two operand tiles per program: 64 x 64 tiles, 8 warps
-    past width 64. Past width 128 the streamed tile halves to stay in shared
-    memory and registers. fp32 dots run on the CUDA cores (IEEE), whose
-    operands live in registers replicated per thread: small tiles, 8 warps,
-    no spills up to width 128 (a few bytes at 128; d = 200 still spills).
+    Half dtypes: the forward is FlashAttention-2's 128 x 64 tile in 8 warps
+    (two wgmma warpgroups) with a 3-stage K/V pipeline; the backward holds two
+    (64, width) fp32 accumulators and two operand tiles per program, hence
+    64 x 64 tiles. Past width 128 the streamed tile halves to fit shared memory
+    and registers. fp32 dots run on the CUDA cores (IEEE), their operands held
+    in registers replicated per thread: small tiles.
     """
     d0, d1 = _split_head_dim(d)
     width = d0 + d1

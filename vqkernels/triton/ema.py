@@ -1,16 +1,12 @@
 """EMA codebook update, Triton kernels (math in vqkernels/reference/ema.py).
 
 Statistics in one pass over z, then a small per-code finalize:
-
-- fast: ``_code_stats_kernel`` adds each row of z into its code's row of
-  ``sums`` and 1 into its count with atomics (the summation order varies from
-  run to run);
-- deterministic: the indices are sorted (torch's stable sort, itself
-  deterministic) and ``_segment_sums_kernel`` sums each code's rows in tiles
-  of BLOCK_J rows in sorted (= row) order, a fixed reduction tree;
-- ``_ema_cluster_kernel`` (one program) updates cluster_size and the total;
+- fast: ``_code_stats_kernel`` adds each row of z into its code's sums and 1
+  into its count with atomics (the summation order varies from run to run);
+- deterministic: the indices are stably sorted and ``_segment_sums_kernel``
+  sums each code's rows in sorted (= row) order, a fixed reduction tree;
+- ``_ema_cluster_kernel`` (one program) updates cluster_size and its total;
   ``_ema_codebook_kernel`` updates embed_sum and writes the codebook.
-
 Out-of-range indices are skipped by every kernel (no host sync).
 """
 from __future__ import annotations

@@ -15,13 +15,6 @@ from vqkernels.triton import _device, _interpreter
 
 PRECISIONS = ("ieee", "tf32", "bf16")
 
-# tl.dot input_precision behind precision="ieee" on fp32 tiles. "ieee" runs on
-# the CUDA cores; "tf32x3" (three tf32 MMAs, near-fp32 accuracy) is the
-# candidate to measure on the GPU and switch to if it is faster and passes the
-# "ieee" tolerance. Both are valid on triton 3.6 and 3.8.
-_IEEE_DOT = "ieee"
-_IEEE_INPUT_PRECISION = tl.constexpr(_IEEE_DOT)
-
 # The interpreter runs one program at a time in numpy: one small fixed config,
 # no autotuning. Small blocks so tiny test shapes still cover several K tiles,
 # several D chunks and masked tails.
@@ -34,11 +27,8 @@ def _configs(rows):
 
 
 # Autotuning candidates, (BLOCK_N, BLOCK_K, BLOCK_D_MAX, num_warps, num_stages),
-# one family per kind of dot. All were compiled for sm_90 with triton 3.6 and
-# 3.8 (no GPU needed): at D = 256 each fits the H100's 227 KiB of shared memory
-# with no or minor register spills; which wins is for the GPU run to measure.
-# BLOCK_D_MAX caps the D chunk (tl.dot needs >= 16); configs that do not fit a
-# shape (D = 1024, a smaller GPU) fail to launch and autotuning skips them.
+# one family per kind of dot. BLOCK_D_MAX caps the D chunk (tl.dot needs >= 16);
+# a config that does not fit a shape fails to launch and autotuning skips it.
 _CONFIGS = {
     # fp16 / bf16 tiles: wgmma in the input dtype. BLOCK_D_MAX 256 keeps a
     # D <= 256 block of z in shared memory for the whole codebook sweep.
@@ -57,7 +47,7 @@ _CONFIGS = {
 def _config_family(dtype: torch.dtype, precision: str) -> str:
     if dtype != torch.float32:
         return "half"
-    if precision == "ieee" and _IEEE_DOT == "ieee":
+    if precision == "ieee":
         return "fp32_ieee"
     return "fp32"
 
@@ -101,7 +91,7 @@ def _dot_codes(z, e, acc, PRECISION: tl.constexpr):
             elif PRECISION == "tf32":
                 return tl.dot(z, e_t, acc, input_precision="tf32")
             else:
-                return tl.dot(z, e_t, acc, input_precision=_IEEE_INPUT_PRECISION)
+                return tl.dot(z, e_t, acc, input_precision="ieee")
         else:
             return tl.dot(z, e_t, acc)
 
