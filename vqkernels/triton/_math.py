@@ -1,46 +1,23 @@
-"""Precise transcendentals for Triton kernels.
+"""Precise transcendentals for Triton kernels: ``_math.exp``, ``sin``, ``cos`` and ``log``.
 
-``tl.exp``, ``tl.sin`` and ``tl.cos`` lower to approximate PTX instructions on
-NVIDIA GPUs (``ex2.approx`` and friends); libdevice's are correctly rounded to
-a few ulp. The Triton interpreter has no libdevice, but its ``tl`` functions
-are numpy's, which are precise, so under the interpreter those are used.
+``tl.exp``, ``tl.sin``, ``tl.cos`` and ``tl.log`` lower to approximate PTX
+instructions on NVIDIA GPUs (``ex2.approx`` and friends); libdevice's are
+accurate to a few ulp. The interpreter has no libdevice, but its ``tl``
+functions are numpy's, which are precise, so under the interpreter those are used.
 """
-import os
-
-import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@triton.jit
-def exp(x):
-    if _INTERPRETED:
-        return tl.exp(x)
-    else:
-        return libdevice.exp(x)
+from vqkernels.triton._interpreter import INTERPRETED
 
 
-@triton.jit
-def sin(x):
-    if _INTERPRETED:
-        return tl.sin(x)
-    else:
-        return libdevice.sin(x)
+def _numpy(name):
+    # Looked up at each call: the interpreter installs tl's functions per launch.
+    return lambda x: getattr(tl, name)(x)
 
 
-@triton.jit
-def cos(x):
-    if _INTERPRETED:
-        return tl.cos(x)
-    else:
-        return libdevice.cos(x)
-
-
-@triton.jit
-def log(x):
-    if _INTERPRETED:
-        return tl.log(x)
-    else:
-        return libdevice.log(x)
+if INTERPRETED:
+    exp, sin, cos, log = (_numpy(name) for name in ("exp", "sin", "cos", "log"))
+else:
+    # The CUDA backend's own libdevice: the portable stubs in triton.language.extra
+    # resolve only where a kernel names them directly, not through this module.
+    from triton.language.extra.cuda.libdevice import cos, exp, log, sin

@@ -1,16 +1,12 @@
 """EMA codebook update, Triton kernels (math in vqkernels/reference/ema.py).
 
 Statistics in one pass over z, then a small per-code finalize:
-
-- fast: ``_code_stats_kernel`` adds each row of z into its code's row of
-  ``sums`` and 1 into its count with atomics (the summation order varies from
-  run to run);
-- deterministic: the indices are sorted (torch's stable sort, itself
-  deterministic) and ``_segment_sums_kernel`` sums each code's rows in tiles
-  of BLOCK_J rows in sorted (= row) order, a fixed reduction tree;
-- ``_ema_cluster_kernel`` (one program) updates cluster_size and the total;
+- fast: ``_code_stats_kernel`` adds each row of z into its code's sums and 1
+  into its count with atomics (the summation order varies from run to run);
+- deterministic: the indices are stably sorted and ``_segment_sums_kernel``
+  sums each code's rows in sorted (= row) order, a fixed reduction tree;
+- ``_ema_cluster_kernel`` (one program) updates cluster_size and its total;
   ``_ema_codebook_kernel`` updates embed_sum and writes the codebook.
-
 Out-of-range indices are skipped by every kernel (no host sync).
 """
 from __future__ import annotations
@@ -19,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqkernels.triton import _device
-from vqkernels.triton._math import _INTERPRETED
+from vqkernels.triton import _device, _interpreter
 
 # The interpreter runs one program at a time in numpy: small blocks, so tiny
 # test shapes still cover several row, column and code blocks and masked tails.
@@ -29,9 +24,9 @@ _GPU_BLOCKS = dict(BLOCK_N=2048, BLOCK_D=64, BLOCK_J=16, BLOCK_K=1024)  # BLOCK_
 
 
 def _blocks(d: int) -> dict:
-    blocks = dict(_INTERPRETER_BLOCKS if _INTERPRETED else _GPU_BLOCKS)
+    blocks = dict(_INTERPRETER_BLOCKS if _interpreter.INTERPRETED else _GPU_BLOCKS)
     blocks["BLOCK_D"] = min(triton.next_power_of_2(d), blocks["BLOCK_D"])
-    if not _INTERPRETED:  # a tile of ~2048 elements whatever D is
+    if not _interpreter.INTERPRETED:  # a tile of ~2048 elements whatever D is
         blocks["BLOCK_N"] = max(16, blocks["BLOCK_N"] // blocks["BLOCK_D"])
     return blocks
 
@@ -73,16 +68,8 @@ def _segment_sums_kernel(z_ptr, order_ptr, offsets_ptr, sums_ptr, D,
     end = tl.load(offsets_ptr + code + 1)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     j_offs = tl.arange(0, BLOCK_J)
-    if _INTERPRETED:
-        # triton 3.6's interpreter cannot range() over a runtime bound with
-        # numpy >= 2.4; a while loop works on both.
-        j0 = start
-        while j0 < end:
-            acc += _segment_tile(z_ptr, order_ptr, j0 + j_offs, end, cols, col_ok, D)
-            j0 += BLOCK_J
-    else:
-        for j0 in range(start, end, BLOCK_J):
-            acc += _segment_tile(z_ptr, order_ptr, j0 + j_offs, end, cols, col_ok, D)
+    for j0 in _interpreter.runtime_range(start, end, BLOCK_J):
+        acc += _segment_tile(z_ptr, order_ptr, j0 + j_offs, end, cols, col_ok, D)
     tl.store(sums_ptr + code * D + cols, acc, mask=col_ok)
 
 
@@ -103,16 +90,9 @@ def _ema_cluster_kernel(cluster_ptr, counts_ptr, total_ptr, K, decay, keep, debi
     ``keep`` = 1 - decay, ``debias`` = 1 - decay**step or 1. Bytes: 12 K.
     """
     acc = tl.zeros((BLOCK_K,), tl.float32)
-    if _INTERPRETED:  # see _segment_sums_kernel
-        k0 = 0
-        while k0 < K:
-            acc += _ema_cluster_tile(cluster_ptr, counts_ptr, k0 + tl.arange(0, BLOCK_K), K,
-                                     decay, keep, debias)
-            k0 += BLOCK_K
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            acc += _ema_cluster_tile(cluster_ptr, counts_ptr, k0 + tl.arange(0, BLOCK_K), K,
-                                     decay, keep, debias)
+    for k0 in _interpreter.runtime_range(0, K, BLOCK_K):
+        acc += _ema_cluster_tile(cluster_ptr, counts_ptr, k0 + tl.arange(0, BLOCK_K), K,
+                                 decay, keep, debias)
     tl.store(total_ptr, tl.sum(acc, axis=0))
 
 

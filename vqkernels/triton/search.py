@@ -11,17 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vqkernels.triton import _device
-from vqkernels.triton._math import _INTERPRETED
+from vqkernels.triton import _device, _interpreter
 
 PRECISIONS = ("ieee", "tf32", "bf16")
-
-# tl.dot input_precision behind precision="ieee" on fp32 tiles. "ieee" runs on
-# the CUDA cores; "tf32x3" (three tf32 MMAs, near-fp32 accuracy) is the
-# candidate to measure on the GPU and switch to if it is faster and passes the
-# "ieee" tolerance. Both are valid on triton 3.6 and 3.8.
-_IEEE_DOT = "ieee"
-_IEEE_INPUT_PRECISION = tl.constexpr(_IEEE_DOT)
 
 # The interpreter runs one program at a time in numpy: one small fixed config,
 # no autotuning. Small blocks so tiny test shapes still cover several K tiles,
@@ -35,11 +27,8 @@ def _configs(rows):
 
 
 # Autotuning candidates, (BLOCK_N, BLOCK_K, BLOCK_D_MAX, num_warps, num_stages),
-# one family per kind of dot. All were compiled for sm_90 with triton 3.6 and
-# 3.8 (no GPU needed): at D = 256 each fits the H100's 227 KiB of shared memory
-# with no or minor register spills; which wins is for the GPU run to measure.
-# BLOCK_D_MAX caps the D chunk (tl.dot needs >= 16); configs that do not fit a
-# shape (D = 1024, a smaller GPU) fail to launch and autotuning skips them.
+# one family per kind of dot. BLOCK_D_MAX caps the D chunk (tl.dot needs >= 16);
+# a config that does not fit a shape fails to launch and autotuning skips it.
 _CONFIGS = {
     # fp16 / bf16 tiles: wgmma in the input dtype. BLOCK_D_MAX 256 keeps a
     # D <= 256 block of z in shared memory for the whole codebook sweep.
@@ -58,7 +47,7 @@ _CONFIGS = {
 def _config_family(dtype: torch.dtype, precision: str) -> str:
     if dtype != torch.float32:
         return "half"
-    if precision == "ieee" and _IEEE_DOT == "ieee":
+    if precision == "ieee":
         return "fp32_ieee"
     return "fp32"
 
@@ -86,7 +75,7 @@ def _dot_codes(z, e, acc, PRECISION: tl.constexpr):
     dtype (their products are exact in fp32 whatever the mode).
     """
     e_t = tl.trans(e)
-    if _INTERPRETED:
+    if _interpreter.INTERPRETED:
         # The interpreter's dot ignores input_precision and cannot multiply
         # bf16 (it stores it as uint16), so the narrow tensor-core inputs are
         # emulated by rounding fp32 operands, then an exact fp32 product.
@@ -102,7 +91,7 @@ def _dot_codes(z, e, acc, PRECISION: tl.constexpr):
             elif PRECISION == "tf32":
                 return tl.dot(z, e_t, acc, input_precision="tf32")
             else:
-                return tl.dot(z, e_t, acc, input_precision=_IEEE_INPUT_PRECISION)
+                return tl.dot(z, e_t, acc, input_precision="ieee")
         else:
             return tl.dot(z, e_t, acc)
 
@@ -193,18 +182,9 @@ def _nearest_code_kernel(
                     other=0.0)
     else:
         z = 0.0
-    if _INTERPRETED:
-        # triton 3.6's interpreter cannot range() over a runtime bound with
-        # numpy >= 2.4 (int() of a 1-element array); a while loop works on both.
-        k0 = 0
-        while k0 < K:
-            best, best_idx = _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best,
-                                        best_idx, D, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
-            k0 += BLOCK_K
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            best, best_idx = _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best,
-                                        best_idx, D, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+    for k0 in _interpreter.runtime_range(0, K, BLOCK_K):
+        best, best_idx = _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best, best_idx,
+                                    D, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
 
     # A row with no finite score (inf or NaN in z) takes code 0 (docs/NUMERICS.md).
     best_idx = tl.where((best > float("-inf")) & (best < float("inf")), best_idx, 0)
@@ -281,7 +261,7 @@ def _launch(z, codebook, codebook_sqnorm, precision, indices, distances, stats):
     args = (z, codebook, codebook_sqnorm, indices, distances, counts, sums, n, codebook.shape[0])
     constants = dict(D=d, PRECISION=precision, STATS=stats is not None)
     with _device.on_device(z):
-        if _INTERPRETED:
+        if _interpreter.INTERPRETED:
             cfg = _INTERPRETER_CONFIG
             grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
             _nearest_code_kernel[grid](*args, **constants, BLOCK_D=_block_d(d, cfg["BLOCK_D_MAX"]),
