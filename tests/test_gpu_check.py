@@ -235,3 +235,13 @@ def test_a_bench_without_plot_gets_a_stand_in_and_can_be_plotted_again(tmp_path)
     assert report.main([str(bench), str(plot)]) == 0
     assert plot.read_bytes()[:8] == PNG_MAGIC
     assert report.main([str(DATA / "steps.tsv"), str(plot)]) != 0
+
+
+def test_test_modules_map_to_their_op_family():
+    from vqkernels.bench.evidence import family_of_module
+
+    expected = {"test_search_kernels": "search", "test_search_kernel_limits": "search",
+                "test_reference_search": "search", "test_reference_ema": "ema",
+                "test_reference_attention": "attention", "test_vector_quantize": "quantizer",
+                "test_ddim": "ddim", "test_layouts": "other"}
+    assert {m: family_of_module(m) for m in expected} == expected

@@ -18,17 +18,24 @@ from pathlib import Path
 
 FAMILIES = ("timestep", "search", "ema", "quantizer", "ddim", "attention")
 STEP_STATUSES = ("ok", "failed", "timed out", "not run")
-# test module -> op family; modules not listed count as "other".
+# test module prefix -> op family (test_reference_X counts as test_X; test_search_kernels
+# as test_search); modules that match none count as "other".
 TEST_FAMILIES = {
-    "test_timestep": "timestep",
-    "test_search": "search", "test_search_cpp": "search", "test_search_triton": "search",
-    "test_reference_vq": "search",
+    "test_timestep": "timestep", "test_search": "search",
     "test_ema": "ema", "test_kmeans": "ema", "test_distributed": "ema",
     "test_quantizer": "quantizer", "test_vector_quantize": "quantizer",
     "test_ddim": "ddim", "test_sampler": "ddim", "test_scheduler": "ddim",
-    "test_reference_ddim": "ddim",
-    "test_attention": "attention", "test_reference_attention": "attention",
+    "test_attention": "attention",
 }
+
+
+def family_of_module(module: str) -> str:
+    """The op family a test module belongs to, by its longest matching prefix."""
+    module = module.replace("test_reference_", "test_", 1)
+    matches = [prefix for prefix in TEST_FAMILIES if module.startswith(prefix)]
+    return TEST_FAMILIES[max(matches, key=len)] if matches else "other"
+
+
 # selftest op -> op family (vector_quantize is the quantizer modules' op)
 SELFTEST_FAMILIES = {
     "timestep_embedding": "timestep", "nearest_code": "search",
@@ -182,7 +189,7 @@ def classify(test_id: str, outcome: str) -> TestResult:
     else:
         backend = "any"
     outcome = {"xfail": "skipped", "xpass": "passed"}.get(outcome, outcome)
-    return TestResult(test_id, TEST_FAMILIES.get(module, "other"), backend, outcome)
+    return TestResult(test_id, family_of_module(module), backend, outcome)
 
 
 def read_json(path: str | Path | None) -> dict | None:
