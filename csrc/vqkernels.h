@@ -69,15 +69,14 @@ void ema_update_from_stats_cuda(const at::Tensor& cluster_size, const at::Tensor
                                 bool bias_correction, int64_t step);
 #endif
 
-// One fused DDIM step (see vqkernels/reference/ddim.py, math in csrc/common/ddim.h):
-// (prev_sample, pred_original_sample), each (B, M) in the sample's dtype, or
-// empty (0,) when not asked for (write_prev / write_x0). Inputs as in
-// check_ddim_args (csrc/common/checks.h): sample (B, M), cond / uncond (B, >= M)
-// model outputs (the first M elements of a row are used; uncond enables
-// classifier-free guidance on the first guided_elems), per-sample int64
-// timesteps, a float32 alphas_cumprod table, and noise given (variance_noise)
-// or drawn in the kernel from Philox keyed by noise_seed (csrc/common/philox.h).
-// threshold (B,): per-sample dynamic-thresholding scale s >= 1.
+// One fused DDIM step (see vqkernels/reference/ddim.py, math in csrc/common/ddim.h),
+// on CPU or CUDA tensors; the arguments are the op's schema (python_bindings/ops.cpp),
+// each described by vqkernels/ops/ddim.py's StepArgs: sample (B, M), cond / uncond
+// (B, >= M) model outputs (uncond: classifier-free guidance of the first
+// guided_elems), int64 timesteps, a float32 alphas_cumprod table, noise given
+// or drawn from Philox keyed by noise_seed, a per-sample dynamic-thresholding
+// scale. Returns (prev_sample, pred_original_sample), each (B, M) in the
+// sample's dtype, or empty (0,) when not asked for (write_prev / write_x0).
 #define VQK_DDIM_STEP_ARGS                                                                    \
   const at::Tensor &sample, const at::Tensor &cond, const std::optional<at::Tensor> &uncond,  \
       const at::Tensor &timesteps, const at::Tensor &alphas_cumprod,                          \
@@ -87,9 +86,13 @@ void ema_update_from_stats_cuda(const at::Tensor& cluster_size, const at::Tensor
       std::string_view prediction_type, bool clip_sample, double clip_sample_range,           \
       bool use_clipped_model_output, double guidance_scale, int64_t guided_elems,             \
       bool write_prev, bool write_x0
-std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(VQK_DDIM_STEP_ARGS);
+std::tuple<at::Tensor, at::Tensor> ddim_step(VQK_DDIM_STEP_ARGS);
 #ifdef VQKERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(VQK_DDIM_STEP_ARGS);
+namespace common {
+struct DdimStep;
+}
+// The CUDA launch of a step that ddim_step has checked (csrc/cuda/aten_ops.cpp).
+void ddim_step_cuda(const common::DdimStep& step, const at::Device& device);
 #endif
 
 // Scaled dot-product attention, non-causal, no mask (see

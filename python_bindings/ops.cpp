@@ -17,6 +17,7 @@ TORCH_LIBRARY(vqkernels, m) {
   m.def(
       "ema_update_from_stats(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, "
       "Tensor counts, Tensor sums, float decay, float eps, bool bias_correction, int step) -> ()");
+  // The arguments of vqkernels/ops/ddim.py's StepArgs (tests/test_ddim.py holds them equal).
   m.def(
       "ddim_step(Tensor sample, Tensor cond, Tensor? uncond, Tensor timesteps, "
       "Tensor alphas_cumprod, Tensor? variance_noise, Tensor? noise_seed, Tensor? threshold, "
@@ -38,7 +39,7 @@ TORCH_LIBRARY(vqkernels, m) {
 
 TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("code_counts_and_sums", &vqkernels::code_counts_and_sums_cpu);
-  m.impl("ddim_step", &vqkernels::ddim_step_cpu);
+  m.impl("ddim_step", &vqkernels::ddim_step);
   m.impl("ema_update", &vqkernels::ema_update_cpu);
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cpu);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cpu);
@@ -50,7 +51,7 @@ TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
 #ifdef VQKERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
   m.impl("code_counts_and_sums", &vqkernels::code_counts_and_sums_cuda);
-  m.impl("ddim_step", &vqkernels::ddim_step_cuda);
+  m.impl("ddim_step", &vqkernels::ddim_step);
   m.impl("ema_update", &vqkernels::ema_update_cuda);
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cuda);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cuda);

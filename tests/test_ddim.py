@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vqkernels import ops
+from vqkernels import _ext, ops
 from vqkernels.reference import ddim as reference
 from helpers import kernel_backends
 from vqkernels.testing import assert_within_contract, max_abs
@@ -321,6 +321,15 @@ def test_out_of_range_device_timestep_gives_nan(backend, device, generator):
     assert prev[1].isfinite().all()
 
 
+def test_step_ops_share_one_schema():
+    # The Triton op is defined from StepArgs; the C++ op's schema (python_bindings/ops.cpp)
+    # must list the same arguments, in the same order, with the same types.
+    ops_with_schema = ["ddim_step_triton"] + (["ddim_step"] if _ext._C is not None else [])
+    for name in ops_with_schema:
+        schema = getattr(torch.ops.vqkernels, name).default._schema
+        assert str(schema) == f"vqkernels::{name}{ops.ddim.STEP_SCHEMA}"
+
+
 def test_triton_ddim_grid_takes_any_batch(monkeypatch):
     # CUDA caps grid axes 1 and 2 at 65535 (the interpreter does not): the launch must not
     # put the batch there.
@@ -336,8 +345,8 @@ def test_triton_ddim_grid_takes_any_batch(monkeypatch):
 
     monkeypatch.setattr(triton_ddim, "_ddim_step_kernel", Recorder())
     x, t = torch.zeros(70_000, 3), torch.full((70_000,), 500)
-    triton_ddim.ddim_step(x, x, x, t, TABLE.float(), None, None, None, 50, 1.0, 0.0, "epsilon",
-                          False, 1.0, False, 2.0, 3, True, False)
+    triton_ddim.ddim_step(ops.ddim.StepArgs(x, x, x, t, TABLE.float(), None, None, None, 50, 1.0,
+                                            0.0, "epsilon", False, 1.0, False, 2.0, 3, True, False))
     assert grids and all(axis <= 65535 for grid in grids for axis in grid[1:]), grids
 
 

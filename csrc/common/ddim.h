@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "dtype.h"
 #include "macros.h"
 
 namespace vqkernels::common {
@@ -136,6 +137,18 @@ struct DdimPointers {
   const float* threshold;  // (B,) dynamic-thresholding scale
   void* prev;
   void* x0;
+};
+
+// One checked step, all that a launcher needs: built once from the op's
+// arguments by vqkernels::ddim_step (csrc/cpu/ddim.cpp), run by the C++ CPU
+// kernel or the CUDA one.
+struct DdimStep {
+  DdimParams params;
+  DdimPointers ptr;
+  int64_t batch;       // B samples
+  int64_t elems;       // M elements per sample
+  DType sample_dtype;  // of sample, prev, x0 and noise that is not float32
+  DType output_dtype;  // of cond and uncond
 };
 
 }  // namespace vqkernels::common

@@ -178,20 +178,9 @@ void ema_update_from_stats_cuda(const at::Tensor& cluster_size, const at::Tensor
 
 // --- DDIM step (kernel in ddim.cu) ------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(VQK_DDIM_STEP_ARGS) {
-  VQK_CHECK_DEVICE(sample, at::kCUDA);
-  const auto p = check_ddim_args(sample, cond, uncond, timesteps, alphas_cumprod, variance_noise,
-                                 noise_seed, threshold, step_ratio, final_alpha_cumprod, eta,
-                                 prediction_type, clip_sample, clip_sample_range,
-                                 use_clipped_model_output, guidance_scale, guided_elems);
-  const c10::cuda::CUDAGuard guard(sample.device());
-  auto [prev, x0] = ddim_outputs(sample, write_prev, write_x0);
-  const auto ptr = ddim_pointers(sample, cond, uncond, timesteps, alphas_cumprod, variance_noise,
-                                 noise_seed, threshold, prev, x0);
-  C10_CUDA_CHECK(cuda::launch_ddim_step(ptr, to_dtype(sample.scalar_type()),
-                                        to_dtype(cond.scalar_type()), sample.size(0),
-                                        sample.size(1), p, c10::cuda::getCurrentCUDAStream()));
-  return {prev, x0};
+void ddim_step_cuda(const common::DdimStep& step, const at::Device& device) {
+  const c10::cuda::CUDAGuard guard(device);
+  C10_CUDA_CHECK(cuda::launch_ddim_step(step, c10::cuda::getCurrentCUDAStream()));
 }
 
 // --- attention forward (kernel in attention.cu; the backward is Triton's) ---------------

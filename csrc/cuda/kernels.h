@@ -49,11 +49,8 @@ cudaError_t launch_ema_finalize(float* cluster_size, float* embed_sum, void* cod
                                 const common::EmaParams& params, float* total,
                                 cudaStream_t stream);
 
-// One fused DDIM step (csrc/cuda/ddim.cu); pointers as csrc/common/ddim.h,
-// sample (and noise, prev, x0) of sample_dtype, cond / uncond of output_dtype.
-cudaError_t launch_ddim_step(const common::DdimPointers& ptr, DType sample_dtype, DType output_dtype,
-                             int64_t b, int64_t m, const common::DdimParams& params,
-                             cudaStream_t stream);
+// One fused DDIM step (csrc/cuda/ddim.cu) of a checked record (csrc/common/ddim.h).
+cudaError_t launch_ddim_step(const common::DdimStep& step, cudaStream_t stream);
 
 // Head dims with a compiled attention kernel (each a multiple of 8, <= 128);
 // vqkernels/ops/attention.py's CUDA_HEAD_DIMS must list the same.

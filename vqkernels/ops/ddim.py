@@ -1,36 +1,31 @@
 """One fused DDIM step (classifier-free guidance + update + noise), the public op.
 
 Backends: C++ CPU, CUDA and Triton run the whole step in one launch (two with
-dynamic thresholding, whose per-sample quantile needs x0 first); the
-reference composes ``reference.ddim.cfg_combine*`` and
-``reference.ddim.ddim_step``. ``auto`` order: on CPU the C++ kernel; on CUDA
-the CUDA kernel, then Triton (both are one bandwidth-bound pass; the CUDA
-launch is cheaper: to be confirmed by the GPU benchmark, which no session has
-run yet) once both are verified on the GPU, until then Triton first
-(``vqkernels._dispatch``). Inputs that require grad go to the reference under ``auto`` (the
-kernels have no backward), as do float64 samples.
+dynamic thresholding, whose per-sample quantile needs x0 first) of an op that
+takes one ``StepArgs`` record; the reference composes ``reference.ddim``'s
+``cfg_combine`` and ``ddim_step``. ``auto`` takes the C++ kernel on CPU and the
+order of ``vqkernels._dispatch`` on CUDA; inputs that require grad (the kernels
+have no backward) and float64 samples run the reference.
 
-Rounding: the C++ CPU step is compiled without FMA contraction, so in float32
-it rounds each operation as diffusers' step does. On the GPU nvcc contracts
-``a * b + c`` into FMA and Triton also divides approximately (``div.full``,
-2 ulp): CUDA and Triton differ from diffusers at the ulp level, within the
-numerics contract, so their tests are tolerance-based, never bitwise.
+Rounding: the C++ CPU step rounds each operation as diffusers' float32 step
+does (no FMA contraction); CUDA (FMA) and Triton (FMA, approximate division)
+differ from it at the ulp level, within the numerics contract.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple, get_type_hints
 
 import torch
 
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
-from vqkernels.ops._ddim_checks import validate_model_output, validate_timestep
+from vqkernels.ops._ddim_checks import validate_step
 from vqkernels.ops._layout import dense_rows, unit_stride_rows
 from vqkernels.reference import ddim as reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 @dataclass(frozen=True)
@@ -51,6 +46,42 @@ class StepConfig:
     guidance_scale: float
     guided_elems: int
     write_x0: bool
+
+
+class StepArgs(NamedTuple):
+    """The arguments of the fused step ops, in their schema's order (``STEP_SCHEMA``).
+
+    ``torch.ops.vqkernels.ddim_step`` (C++ / CUDA, schema in
+    python_bindings/ops.cpp) and ``ddim_step_triton`` take these positionally
+    and return ``(prev_sample, pred_original_sample)``, each ``(B, M)`` like
+    ``sample`` or empty ``(0,)`` when its ``write_*`` flag is off.
+    """
+
+    sample: torch.Tensor                 # (B, M) contiguous
+    cond: torch.Tensor                   # (B, >= M) model output rows, unit inner stride
+    uncond: torch.Tensor | None          # like cond; given: guide the first guided_elems
+    timesteps: torch.Tensor              # (B,) int64
+    alphas_cumprod: torch.Tensor         # (T,) float32 contiguous
+    variance_noise: torch.Tensor | None  # (B, M) in the sample's dtype or float32
+    noise_seed: torch.Tensor | None      # (1,) int64 Philox key of in-kernel noise
+    threshold: torch.Tensor | None       # (B,) float32 dynamic-thresholding scale
+    step_ratio: int                      # prev_t = t - step_ratio
+    final_alpha_cumprod: float
+    eta: float
+    prediction_type: str
+    clip_sample: bool
+    clip_sample_range: float
+    use_clipped_model_output: bool
+    guidance_scale: float
+    guided_elems: int
+    write_prev: bool
+    write_x0: bool
+
+
+_SCHEMA_TYPES = {torch.Tensor: "Tensor", torch.Tensor | None: "Tensor?", int: "int",
+                 float: "float", str: "str", bool: "bool"}
+STEP_SCHEMA = "({}) -> (Tensor prev_sample, Tensor pred_original_sample)".format(", ".join(
+    f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in get_type_hints(StepArgs).items()))
 
 
 # --- backends ---------------------------------------------------------------------------
@@ -79,42 +110,43 @@ def _run_reference(sample, cond, uncond, timesteps, table, noise, seed, cfg: Ste
     return prev, (x0 if cfg.write_x0 else None)
 
 
-def _fused(kernel):
-    """A kernel backend: one launch, or two with dynamic thresholding."""
-
-    def run(sample, cond, uncond, timesteps, table, noise, seed, cfg: StepConfig):
-        table = table.to(device=sample.device, dtype=torch.float32).contiguous()
-        threshold = None
-        if cfg.thresholding:
-            # Pass 1 writes only the unclipped x0; its per-sample quantile of
-            # |x0| (as the reference computes it) scales pass 2.
-            _, raw_x0 = kernel(sample, cond, uncond, timesteps, table, None, None, None,
-                               replace(cfg, thresholding=False, clip_sample=False),
-                               write_prev=False, write_x0=True)
-            threshold = torch.quantile(raw_x0.float().abs(), cfg.dynamic_thresholding_ratio,
-                                       dim=1).clamp_(min=1, max=cfg.sample_max_value)
-        prev, x0 = kernel(sample, cond, uncond, timesteps, table, noise, seed, threshold, cfg,
-                          write_prev=True, write_x0=cfg.write_x0)
-        return prev, (x0 if cfg.write_x0 else None)
-
-    return run
+def _run_compiled(*inputs):
+    return _run_fused(torch.ops.vqkernels.ddim_step, *inputs)
 
 
-def _kernel_args(sample, cond, uncond, timesteps, table, noise, seed, threshold, cfg, *,
-                 write_prev, write_x0):
-    step_ratio = cfg.num_train_timesteps // cfg.num_inference_steps
-    return (sample, cond, uncond, timesteps, table, noise, seed, threshold, step_ratio,
-            cfg.final_alpha_cumprod, cfg.eta, cfg.prediction_type, cfg.clip_sample,
-            cfg.clip_sample_range, cfg.use_clipped_model_output, cfg.guidance_scale,
-            cfg.guided_elems, write_prev, write_x0)
+def _run_triton(*inputs):
+    return _run_fused(torch.ops.vqkernels.ddim_step_triton, *inputs)
 
 
-def _compiled_kernel(*args, **kwargs):
-    return torch.ops.vqkernels.ddim_step(*_kernel_args(*args, **kwargs))
+def _run_fused(op, sample, cond, uncond, timesteps, table, noise, seed, cfg: StepConfig):
+    """One launch of a fused step op, or two with dynamic thresholding."""
+    table = table.to(device=sample.device, dtype=torch.float32).contiguous()
+    threshold = None
+    if cfg.thresholding:
+        # Pass 1 writes only the unclipped x0; its per-sample quantile of
+        # |x0| (as the reference computes it) scales pass 2.
+        raw = replace(cfg, thresholding=False, clip_sample=False)
+        _, raw_x0 = op(*_step_args(sample, cond, uncond, timesteps, table, None, None, None, raw,
+                                   write_prev=False, write_x0=True))
+        threshold = torch.quantile(raw_x0.float().abs(), cfg.dynamic_thresholding_ratio,
+                                   dim=1).clamp_(min=1, max=cfg.sample_max_value)
+    prev, x0 = op(*_step_args(sample, cond, uncond, timesteps, table, noise, seed, threshold, cfg,
+                              write_prev=True, write_x0=cfg.write_x0))
+    return prev, (x0 if cfg.write_x0 else None)
 
 
-def _triton_kernel(*args, **kwargs):
-    return torch.ops.vqkernels.ddim_step_triton(*_kernel_args(*args, **kwargs))
+def _step_args(sample, cond, uncond, timesteps, table, noise, seed, threshold, cfg, *,
+               write_prev, write_x0) -> StepArgs:
+    return StepArgs(
+        sample=sample, cond=cond, uncond=uncond, timesteps=timesteps, alphas_cumprod=table,
+        variance_noise=noise, noise_seed=seed, threshold=threshold,
+        step_ratio=cfg.num_train_timesteps // cfg.num_inference_steps,
+        final_alpha_cumprod=cfg.final_alpha_cumprod, eta=cfg.eta,
+        prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
+        clip_sample_range=cfg.clip_sample_range,
+        use_clipped_model_output=cfg.use_clipped_model_output,
+        guidance_scale=cfg.guidance_scale, guided_elems=cfg.guided_elems,
+        write_prev=write_prev, write_x0=write_x0)
 
 
 def _no_grad_limit(*, requires_grad=False, **_):
@@ -126,9 +158,9 @@ DISPATCH = OpDispatch(
     op="ddim_step",
     backends={
         "reference": Backend("reference", _run_reference),
-        "cpu": Backend("cpu", _fused(_compiled_kernel), KERNEL_DTYPES, _no_grad_limit),
-        "cuda": Backend("cuda", _fused(_compiled_kernel), KERNEL_DTYPES, _no_grad_limit),
-        "triton": Backend("triton", _fused(_triton_kernel), KERNEL_DTYPES, _no_grad_limit),
+        "cpu": Backend("cpu", _run_compiled, KERNEL_DTYPES, _no_grad_limit),
+        "cuda": Backend("cuda", _run_compiled, KERNEL_DTYPES, _no_grad_limit),
+        "triton": Backend("triton", _run_triton, KERNEL_DTYPES, _no_grad_limit),
     },
     auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
 )
@@ -193,10 +225,10 @@ def ddim_step(
     float64 for float64); outputs in ``sample.dtype``. No autograd: inputs that
     require grad run the reference under ``backend="auto"``.
     """
-    _validate(model_output, timestep, sample, alphas_cumprod, num_inference_steps,
-              final_alpha_cumprod, eta, prediction_type, clip_sample_range,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, uncond_output,
-              guidance_channels, variance_noise, noise_seed)
+    validate_step(model_output, timestep, sample, alphas_cumprod, num_inference_steps,
+                  final_alpha_cumprod, eta, prediction_type, clip_sample_range,
+                  dynamic_thresholding_ratio, sample_max_value, guidance_scale, uncond_output,
+                  guidance_channels, variance_noise, noise_seed)
     b, m = sample.shape[0], math.prod(sample.shape[1:])
     channels = sample.shape[1] if sample.dim() >= 2 else 1
     if b == 0:
@@ -266,85 +298,25 @@ def _per_sample_timesteps(timestep, b, device):
     return torch.full((b,), int(timestep), dtype=torch.int64, device=device)
 
 
-def _validate(model_output, timestep, sample, alphas_cumprod, num_inference_steps,
-              final_alpha_cumprod, eta, prediction_type, clip_sample_range,
-              dynamic_thresholding_ratio, sample_max_value, guidance_scale, uncond_output,
-              guidance_channels, variance_noise, noise_seed):
-    for name, x in (("model_output", model_output), ("sample", sample),
-                    ("alphas_cumprod", alphas_cumprod)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-    if sample.dim() < 1:
-        raise ValueError("sample must have a batch dimension, got a 0-d tensor")
-    if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0:
-        raise ValueError(f"alphas_cumprod must be a non-empty 1-D table, got shape "
-                         f"{tuple(alphas_cumprod.shape)}")
-    num_train = alphas_cumprod.shape[0]
-    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train:
-        raise ValueError(f"num_inference_steps must be an int in [1, {num_train}] "
-                         f"(len(alphas_cumprod)), got {num_inference_steps!r}")
-    if prediction_type not in reference.PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {reference.PREDICTION_TYPES}, "
-                         f"got {prediction_type!r}")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if not 0 <= float(final_alpha_cumprod) <= 1:
-        raise ValueError(f"final_alpha_cumprod must be in [0, 1], got {final_alpha_cumprod!r}")
-    if not clip_sample_range > 0:
-        raise ValueError(f"clip_sample_range must be positive, got {clip_sample_range!r}")
-    if not 0 <= dynamic_thresholding_ratio <= 1:
-        raise ValueError("dynamic_thresholding_ratio must be in [0, 1], got "
-                         f"{dynamic_thresholding_ratio!r}")
-    if not sample_max_value >= 1:
-        raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value!r}")
-    validate_timestep(timestep, sample, num_train)
-    validate_model_output(model_output, sample, guidance_scale, uncond_output, guidance_channels)
-    if variance_noise is not None:
-        if not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != sample.shape:
-            raise ValueError(f"variance_noise must be a tensor of the sample's shape "
-                             f"{tuple(sample.shape)}")
-        if variance_noise.device != sample.device or not variance_noise.dtype.is_floating_point:
-            raise ValueError("variance_noise must be a floating tensor on the sample's device")
-    if noise_seed is not None:
-        if (not isinstance(noise_seed, torch.Tensor) or noise_seed.numel() != 1
-                or noise_seed.dtype != torch.int64 or noise_seed.device != sample.device):
-            raise ValueError("noise_seed must be a one-element int64 tensor on the sample's device")
-        if variance_noise is not None:
-            raise ValueError("give variance_noise or noise_seed, not both")
-    if sample.numel() >= 2 ** 31:
-        raise ValueError(f"sample must have fewer than 2^31 elements, got {sample.numel()}")
+# --- torch.library registration ---------------------------------------------------------
 
+def _fake(*args, **kwargs):
+    step = StepArgs(*args, **kwargs)
 
-# --- torch.library registration -----------------------------------------------------------
-
-def _fake(sample, cond, uncond, timesteps, alphas_cumprod, variance_noise, noise_seed, threshold,
-          step_ratio, final_alpha_cumprod, eta, prediction_type, clip_sample, clip_sample_range,
-          use_clipped_model_output, guidance_scale, guided_elems, write_prev, write_x0):
     def out(write):
-        return sample.new_empty(sample.shape if write else (0,))
+        return step.sample.new_empty(step.sample.shape if write else (0,))
 
-    return out(write_prev), out(write_x0)
+    return out(step.write_prev), out(step.write_x0)
 
 
-@torch.library.custom_op("vqkernels::ddim_step_triton", mutates_args=())
-def _ddim_step_triton(
-        sample: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-        timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
-        variance_noise: torch.Tensor | None, noise_seed: torch.Tensor | None,
-        threshold: torch.Tensor | None, step_ratio: int, final_alpha_cumprod: float, eta: float,
-        prediction_type: str, clip_sample: bool, clip_sample_range: float,
-        use_clipped_model_output: bool, guidance_scale: float, guided_elems: int,
-        write_prev: bool, write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _ddim_step_triton(*args, **kwargs):
     from vqkernels.triton import ddim as triton_ddim  # imports triton on first use
 
-    return triton_ddim.ddim_step(
-        sample, cond, uncond, timesteps, alphas_cumprod, variance_noise, noise_seed, threshold,
-        step_ratio, final_alpha_cumprod, eta, prediction_type, clip_sample, clip_sample_range,
-        use_clipped_model_output, guidance_scale, guided_elems, write_prev, write_x0)
+    return triton_ddim.ddim_step(StepArgs(*args, **kwargs))
 
 
+torch.library.define("vqkernels::ddim_step_triton", STEP_SCHEMA)
+torch.library.impl("vqkernels::ddim_step_triton", "default", _ddim_step_triton)
 torch.library.register_fake("vqkernels::ddim_step_triton", _fake)
 if _ext._C is not None:
     torch.library.register_fake("vqkernels::ddim_step", _fake)

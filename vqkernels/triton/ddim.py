@@ -1,5 +1,5 @@
 """One fused DDIM step, Triton kernel (math in vqkernels/reference/ddim.py::ddim_step,
-mirrored from csrc/common/ddim.h)."""
+mirrored from csrc/common/ddim.h); the launcher takes the ops layer's StepArgs."""
 from __future__ import annotations
 
 import torch
@@ -112,30 +112,40 @@ def _ddim_step_kernel(
         tl.store(prev_ptr + row + j, prev.to(prev_ptr.dtype.element_ty), mask=mask)
 
 
-def ddim_step(sample, cond, uncond, timesteps, alphas_cumprod, variance_noise, noise_seed,
-              threshold, step_ratio, final_alpha_cumprod, eta, prediction_type, clip_sample,
-              clip_sample_range, use_clipped_model_output, guidance_scale, guided_elems,
-              write_prev, write_x0):
-    """Launch on validated inputs (vqkernels/ops/ddim.py); same contract as the C++ op."""
+def ddim_step(args):
+    """Launch on validated inputs: ``args`` is vqkernels/ops/ddim.py's ``StepArgs``."""
+    sample, cond, timesteps, table = args.sample, args.cond, args.timesteps, args.alphas_cumprod
+    uncond = _or(args.uncond, cond)
     b, m = sample.shape
-    prev = torch.empty_like(sample) if write_prev else sample.new_empty(0)
-    x0 = torch.empty_like(sample) if write_x0 else sample.new_empty(0)
-    if sample.numel() == 0 or not (write_prev or write_x0):
+    prev = torch.empty_like(sample) if args.write_prev else sample.new_empty(0)
+    x0 = torch.empty_like(sample) if args.write_x0 else sample.new_empty(0)
+    if sample.numel() == 0 or not (args.write_prev or args.write_x0):
         return prev, x0
-    noise_mode = 0 if eta <= 0 else (1 if variance_noise is not None else (2 if noise_seed is not None else 0))
-    guided, uncond = uncond is not None, uncond if uncond is not None else cond
     blocks_per_row = triton.cdiv(m, _BLOCK)
     with _device.on_device(sample):
         _ddim_step_kernel[(b * blocks_per_row,)](
-            sample, cond, uncond, cond.stride(0), uncond.stride(0), timesteps,
-            timesteps.stride(0), alphas_cumprod, alphas_cumprod.shape[0], step_ratio,
-            final_alpha_cumprod, eta, clip_sample_range, guidance_scale, guided_elems,
-            variance_noise if variance_noise is not None else sample,
-            noise_seed if noise_seed is not None else timesteps,
-            threshold if threshold is not None else alphas_cumprod,
-            prev if write_prev else sample, x0 if write_x0 else sample, m, blocks_per_row,
-            PREDICTION=_PREDICTIONS[prediction_type], GUIDED=guided,
-            CLIP=clip_sample, THRESHOLD=threshold is not None,
-            USE_CLIPPED=use_clipped_model_output, NOISE=noise_mode, WRITE_PREV=write_prev,
-            WRITE_X0=write_x0, BLOCK=_BLOCK)
+            sample, cond, uncond, cond.stride(0), uncond.stride(0), timesteps, timesteps.stride(0),
+            table, table.shape[0], args.step_ratio, args.final_alpha_cumprod, args.eta,
+            args.clip_sample_range, args.guidance_scale, args.guided_elems,
+            _or(args.variance_noise, sample), _or(args.noise_seed, timesteps),
+            _or(args.threshold, table), prev if args.write_prev else sample,
+            x0 if args.write_x0 else sample, m, blocks_per_row,
+            PREDICTION=_PREDICTIONS[args.prediction_type], GUIDED=args.uncond is not None,
+            CLIP=args.clip_sample, THRESHOLD=args.threshold is not None,
+            USE_CLIPPED=args.use_clipped_model_output, NOISE=_noise_mode(args),
+            WRITE_PREV=args.write_prev, WRITE_X0=args.write_x0, BLOCK=_BLOCK)
     return prev, x0
+
+
+def _noise_mode(args):
+    """The kernel's NOISE: 0 none, 1 the given variance_noise, 2 Philox keyed by noise_seed."""
+    if args.eta <= 0:
+        return 0
+    if args.variance_noise is not None:
+        return 1
+    return 2 if args.noise_seed is not None else 0
+
+
+def _or(tensor, placeholder):
+    """``tensor``, or a pointer the kernel never reads where it is absent."""
+    return tensor if tensor is not None else placeholder
