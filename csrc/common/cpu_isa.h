@@ -8,6 +8,13 @@
 
 #include <string>
 
+#if !defined(__GNUC__) && !defined(__clang__)
+#error "the C++ CPU kernels need GCC or Clang vector extensions"
+#endif
+// Vector-typed arguments of the forced-inline helpers draw ABI notes; the
+// helpers never exist out of line.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #if defined(__x86_64__)
 #define VQK_X86_SIMD 1
 #define VQK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))

@@ -22,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/simd.h"  // first: its -Wpsabi pragma covers common/search.h too
+#include "cpu/simd.h"  // first: the -Wpsabi pragma (common/cpu_isa.h) covers common/search.h
 #include "common/checks.h"
 #include "common/search.h"
 #include "cpu/parallel.h"

@@ -7,13 +7,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#if !defined(__GNUC__) && !defined(__clang__)
-#error "the C++ CPU kernels need GCC or Clang vector extensions"
-#endif
-// Vector-typed arguments of the forced-inline helpers draw ABI notes; the
-// helpers never exist out of line.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 #include "common/cpu_isa.h"
 
 namespace vqkernels::cpu {

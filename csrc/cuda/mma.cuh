@@ -37,8 +37,9 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
                : "memory")
 template <bool kTrans = false>
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-#define VQK_LDSM_X4(TRANS) \
-  VQK_LDMATRIX("x4", TRANS, "{%0, %1, %2, %3}, [%4]", "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]))
+#define VQK_LDSM_X4(TRANS)                                                         \
+  VQK_LDMATRIX("x4", TRANS, "{%0, %1, %2, %3}, [%4]", "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), \
+               "=r"(r[3]))
   if constexpr (kTrans) VQK_LDSM_X4(".trans");
   else VQK_LDSM_X4("");
 #undef VQK_LDSM_X4
