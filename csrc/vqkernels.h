@@ -8,6 +8,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace vqkernels {
 
@@ -44,29 +45,23 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const 
 // ema_update: one EMA step in place on cluster_size (K,) fp32, embed_sum (K, D)
 // fp32 and codebook (K, D); ema_update_from_stats: the same from given counts
 // (K,) and sums (K, D) fp32 (e.g. all-reduced across processes).
-std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cpu(const at::Tensor& z,
-                                                            const at::Tensor& indices,
-                                                            int64_t num_codes, bool deterministic);
-void ema_update_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
-                    const at::Tensor& codebook, const at::Tensor& z, const at::Tensor& indices,
-                    double decay, double eps, bool bias_correction, int64_t step,
-                    bool deterministic);
-void ema_update_from_stats_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
-                               const at::Tensor& codebook, const at::Tensor& counts,
-                               const at::Tensor& sums, double decay, double eps,
-                               bool bias_correction, int64_t step);
+#define VQK_CODE_COUNTS_AND_SUMS_ARGS \
+  const at::Tensor &z, const at::Tensor &indices, int64_t num_codes, bool deterministic
+#define VQK_EMA_UPDATE_ARGS                                                                   \
+  const at::Tensor &cluster_size, const at::Tensor &embed_sum, const at::Tensor &codebook,    \
+      const at::Tensor &z, const at::Tensor &indices, double decay, double eps,               \
+      bool bias_correction, int64_t step, bool deterministic
+#define VQK_EMA_UPDATE_FROM_STATS_ARGS                                                        \
+  const at::Tensor &cluster_size, const at::Tensor &embed_sum, const at::Tensor &codebook,    \
+      const at::Tensor &counts, const at::Tensor &sums, double decay, double eps,             \
+      bool bias_correction, int64_t step
+std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cpu(VQK_CODE_COUNTS_AND_SUMS_ARGS);
+void ema_update_cpu(VQK_EMA_UPDATE_ARGS);
+void ema_update_from_stats_cpu(VQK_EMA_UPDATE_FROM_STATS_ARGS);
 #ifdef VQKERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cuda(const at::Tensor& z,
-                                                             const at::Tensor& indices,
-                                                             int64_t num_codes, bool deterministic);
-void ema_update_cuda(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
-                     const at::Tensor& codebook, const at::Tensor& z, const at::Tensor& indices,
-                     double decay, double eps, bool bias_correction, int64_t step,
-                     bool deterministic);
-void ema_update_from_stats_cuda(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
-                                const at::Tensor& codebook, const at::Tensor& counts,
-                                const at::Tensor& sums, double decay, double eps,
-                                bool bias_correction, int64_t step);
+std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cuda(VQK_CODE_COUNTS_AND_SUMS_ARGS);
+void ema_update_cuda(VQK_EMA_UPDATE_ARGS);
+void ema_update_from_stats_cuda(VQK_EMA_UPDATE_FROM_STATS_ARGS);
 #endif
 
 // One fused DDIM step (see vqkernels/reference/ddim.py, math in csrc/common/ddim.h),
@@ -113,6 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
 #ifdef VQKERNELS_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale);
+// The head dims attention_forward_cuda has a kernel for, ascending.
+std::vector<int64_t> attention_head_dims_cuda();
 #endif
 
 // Build facts, for vqkernels.info().

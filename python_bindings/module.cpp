@@ -24,9 +24,19 @@ pybind11::dict build_info() {
   return info;
 }
 
+std::vector<int64_t> cuda_attention_head_dims() {
+#ifdef VQKERNELS_WITH_CUDA
+  return vqkernels::attention_head_dims_cuda();
+#else
+  return {};
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vqkernels compiled kernels (C++ CPU and CUDA); the ops live in torch.ops.vqkernels";
   m.def("build_info", &build_info, "What this extension was built with.");
+  m.def("cuda_attention_head_dims", &cuda_attention_head_dims,
+        "Head dims the CUDA attention kernel was compiled for (empty without CUDA kernels).");
 }

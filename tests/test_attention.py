@@ -229,15 +229,26 @@ def test_explicit_backend_refusals_list_reasons(generator):
     assert ops.attention(q, k, v).dtype == torch.float16  # auto: the reference on CPU
 
 
-def test_cuda_head_dims_match_the_compiled_kernels():
-    from pathlib import Path
+def test_cuda_head_dims_come_from_the_extension(monkeypatch):
+    """The head dims compiled into the CUDA kernel reach Python, and the
+    CUDA backend's refusal names them."""
+    import importlib
 
-    from vqkernels.ops.attention import CUDA_HEAD_DIMS
+    from vqkernels import _ext
 
-    header = (Path(__file__).parents[1] / "csrc" / "cuda" / "kernels.h").read_text()
-    macro = next(line for line in header.splitlines()
-                 if line.startswith("#define VQK_ATTENTION_HEAD_DIMS"))
-    assert CUDA_HEAD_DIMS == tuple(int(x) for x in macro.split("X(")[1:] for x in [x.rstrip(") ")])
+    op = importlib.import_module("vqkernels.ops.attention")  # ops.attention is the function
+    dims = _ext.cuda_attention_head_dims()
+    if _ext.build_info().get("cuda"):
+        assert dims == tuple(_ext._C.cuda_attention_head_dims())
+        assert 72 in dims and list(dims) == sorted(dims), dims  # DiT-XL/2's head dim
+        assert all(d % 8 == 0 and d <= 128 for d in dims), dims
+    else:
+        assert dims == ()
+        dims = (16, 64)
+        monkeypatch.setattr(_ext, "cuda_attention_head_dims", lambda: dims)
+    monkeypatch.setattr(op, "device_capability", lambda device: (9, 0))
+    reasons = op._cuda_limits(device=torch.device("cuda", 0), dtype=torch.bfloat16, head_dim=24)
+    assert reasons == [f"head_dim 24 is not one of {list(dims)}"]
 
 
 def test_cuda_backend_limits(monkeypatch):

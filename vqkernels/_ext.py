@@ -5,6 +5,7 @@ without it: the reference and Triton backends need no compiled code.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import warnings
@@ -52,6 +53,12 @@ except ImportError as error:  # not built, or built against another torch
 def build_info() -> dict:
     """What the extension was built with (empty when it is not loaded)."""
     return dict(_C.build_info()) if _C is not None else {}
+
+
+@functools.cache
+def cuda_attention_head_dims() -> tuple[int, ...]:
+    """Head dims the CUDA attention kernel was compiled for (() without CUDA kernels)."""
+    return tuple(_C.cuda_attention_head_dims()) if _C is not None else ()
 
 
 def cpu_kernels_reasons() -> list[str]:

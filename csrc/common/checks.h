@@ -30,9 +30,13 @@ inline DType to_dtype(at::ScalarType s) {
   }
 }
 
-inline common::TimestepParams make_timestep_params(int64_t dim, double max_period,
-                                                    bool flip_sin_to_cos,
-                                                    double downscale_freq_shift, double scale) {
+// The embedding's parameters, after checking them and t: 1-D, on `device`.
+inline common::TimestepParams check_timestep_args(const at::Tensor& t, at::DeviceType device,
+                                                  int64_t dim, double max_period,
+                                                  bool flip_sin_to_cos,
+                                                  double downscale_freq_shift, double scale) {
+  VQK_CHECK_DEVICE(t, device);
+  TORCH_CHECK(t.dim() == 1, "t must be 1-D, got ", t.dim(), " dims");
   TORCH_CHECK(dim >= 1 && dim <= (1 << 30), "dim must be in [1, 2^30], got ", dim);
   TORCH_CHECK(max_period > 0, "max_period must be positive, got ", max_period);
   const int half = static_cast<int>(dim / 2);

@@ -1,12 +1,19 @@
 #pragma once
 // Instruction-set copies of the C++ CPU kernels' hot loops (CPU only). A loop
 // is defined once as a VQK_ALWAYS_INLINE template and wrapped in one function
-// per target below; a kernel picks the copy from torch's CPU capability
+// per target below; VQK_PICK_ISA picks the copy for torch's CPU capability
 // (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY can lower), so one
 // build runs the widest vectors the machine has and still runs anywhere.
 #include <ATen/Version.h>
 
 #include <string>
+
+#if !defined(__GNUC__) && !defined(__clang__)
+#error "the C++ CPU kernels need GCC or Clang vector extensions"
+#endif
+// Vector-typed arguments of the forced-inline helpers draw ABI notes; the
+// helpers never exist out of line.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #if defined(__x86_64__)
 #define VQK_X86_SIMD 1
@@ -22,6 +29,17 @@ namespace vqkernels::common {
 inline const std::string& cpu_capability() {
   static const std::string capability = at::get_cpu_capability();
   return capability;
+}
+
+// The instruction sets a loop is compiled for, narrowest first.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The widest one torch's CPU capability allows.
+inline Isa cpu_isa() {
+  static const Isa isa = cpu_capability() == "AVX512" ? Isa::kAvx512
+                         : cpu_capability() == "AVX2" ? Isa::kAvx2
+                                                      : Isa::kBaseline;
+  return isa;
 }
 
 // A SIMD vector of VB bytes of T (GCC / Clang vector extension); a class
@@ -45,3 +63,21 @@ VQK_ALWAYS_INLINE void store_vec(T* p, const V& v) {
 }
 
 }  // namespace vqkernels::common
+
+// VQK_DEFINE_ISA_COPIES(DEFINE) expands DEFINE(NAME, TARGET, VB) once per ISA
+// this build targets: NAME avx512 / avx2 / baseline, TARGET its function
+// attribute, VB its vector bytes. VQK_PICK_ISA(ISA, COPY) is COPY(NAME) of the
+// ISA `ISA` (an Isa, e.g. common::cpu_isa()); the x86 copies exist only on x86-64.
+#ifdef VQK_X86_SIMD
+#define VQK_DEFINE_ISA_COPIES(DEFINE)     \
+  DEFINE(avx512, VQK_TARGET_AVX512, 64)   \
+  DEFINE(avx2, VQK_TARGET_AVX2, 32)       \
+  DEFINE(baseline, VQK_TARGET_BASELINE, 16)
+#define VQK_PICK_ISA(ISA, COPY)                                 \
+  ((ISA) == ::vqkernels::common::Isa::kAvx512 ? COPY(avx512)    \
+   : (ISA) == ::vqkernels::common::Isa::kAvx2 ? COPY(avx2)      \
+                                              : COPY(baseline))
+#else
+#define VQK_DEFINE_ISA_COPIES(DEFINE) DEFINE(baseline, VQK_TARGET_BASELINE, 16)
+#define VQK_PICK_ISA(ISA, COPY) COPY(baseline)
+#endif

@@ -4,32 +4,13 @@
 //   counts[k] = #{n : idx[n] = k},  sums[k, :] = sum_{n : idx[n] = k} z[n, :]
 // then the per-code EMA finalize of csrc/common/ema.h.
 //
-// Two passes, both parallel (at::parallel_for), both deterministic whatever
-// the thread count:
-//  1. counts: a histogram per row chunk, summed (integers: exact). It checks
-//     every index first: one outside [0, K) throws before anything is written.
-//     Then (update only) cluster_size and the total, sequential over K.
-//  2. sums: each task owns a block of consecutive codes (blocks of about
-//     equal rows, one per thread; times 64-column slices when one code
-//     outweighs a block) and streams the whole batch in row order, adding the
-//     rows of its codes into their sums. Every element of `sums` is thus a
-//     sequential float sum in row order, whatever the blocks are: the result
-//     never depends on the thread count, so `deterministic` costs nothing.
-//     Rows of up to 64 bytes are all added, branch-free (the other blocks'
-//     into a scratch row); longer ones are first listed per 4096-row chunk
-//     (branch-free), so each task reads only its rows and prefetches them 8
-//     ahead: its rows are a random subset, which the hardware prefetcher
-//     misses. The add loop is compiled for AVX-512, AVX2 and the baseline ISA
-//     and picked from torch's CPU capability (ATEN_CPU_CAPABILITY lowers it):
-//     being elementwise, its width never changes a sum. Column slices per
-//     thread instead of code blocks measured 2x slower (each thread streams
-//     every row), as did summing code by code after a counting sort.
-//     For the update the task then finalizes its codes (embed_sum, codebook)
-//     while their sums are in cache.
-// Bytes: indices 8 N per task + once more for the counts, z N D s (rows of up
-// to 64 bytes: once per task; longer rows: once), the state 12 K D, the
-// codebook K D s. Extra memory: K D fp32 sums (update only), chunks x K
-// counters and a 16 KiB row list per task.
+// Two parallel passes: (1) per-chunk histograms, summed (exact), after every
+// index is checked, so that a bad one throws before anything is written;
+// (2) each task owns a block of consecutive codes (and a column slice when one
+// code outweighs a block) and streams the whole batch in row order, adding
+// its codes' rows. Every element of `sums` is thus a sequential sum in row
+// order: the result never depends on the thread count, and `deterministic`
+// costs nothing. The update then finalizes each task's codes while in cache.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -37,12 +18,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
-#include <string>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_isa.h"
 #include "common/ema.h"
+#include "cpu/parallel.h"
 #include "vqkernels.h"
 
 namespace vqkernels {
@@ -61,8 +42,8 @@ template <typename I>
 std::vector<int64_t> count_codes(const I* indices, int64_t n, int64_t k) {
   const int64_t chunks = std::max<int64_t>(
       1, std::min({static_cast<int64_t>(at::get_num_threads()),
-                   (n + kRowsPerCountChunk - 1) / kRowsPerCountChunk, kMaxHistogramEntries / k}));
-  const int64_t rows_per_chunk = (n + chunks - 1) / chunks;
+                   cpu::ceil_div(n, kRowsPerCountChunk), kMaxHistogramEntries / k}));
+  const int64_t rows_per_chunk = cpu::ceil_div(n, chunks);
   std::vector<int64_t> hist(chunks * k, 0);
   std::vector<int64_t> bad_row(chunks, -1);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -132,28 +113,27 @@ VQK_ALWAYS_INLINE void accumulate_rows(const T* __restrict__ z, const I* __restr
   }
 }
 
-#define VQK_DEFINE_ACCUMULATE(NAME, TARGET)                                                      \
-  template <typename T, typename I>                                                              \
-  TARGET void NAME(const T* z, const I* indices, int64_t n, int64_t dim, int64_t c0, int64_t c1, \
-                   int64_t d0, int64_t dc, float* out) {                                         \
-    accumulate_rows(z, indices, n, dim, c0, c1, d0, dc, out);                                    \
+#define VQK_DEFINE_ACCUMULATE(NAME, TARGET, VB)                                               \
+  template <typename T, typename I>                                                            \
+  TARGET void accumulate_rows_##NAME(const T* z, const I* indices, int64_t n, int64_t dim,     \
+                                     int64_t c0, int64_t c1, int64_t d0, int64_t dc,           \
+                                     float* out) {                                             \
+    accumulate_rows(z, indices, n, dim, c0, c1, d0, dc, out);                                  \
   }
-#ifdef VQK_X86_SIMD
-VQK_DEFINE_ACCUMULATE(accumulate_rows_avx512, VQK_TARGET_AVX512)
-VQK_DEFINE_ACCUMULATE(accumulate_rows_avx2, VQK_TARGET_AVX2)
-#endif
-VQK_DEFINE_ACCUMULATE(accumulate_rows_baseline, )
+VQK_DEFINE_ISA_COPIES(VQK_DEFINE_ACCUMULATE)
+#undef VQK_DEFINE_ACCUMULATE
 
-// The widest copy torch's CPU capability allows, but AVX2 for short rows
-// (rows of 8 floats measured 15% slower with AVX-512).
+// The widest copy torch's CPU capability allows, but at most AVX2 for rows of
+// up to kShortRowBytes, where AVX-512 is slower. Being elementwise, the width
+// never changes a sum.
 template <typename T, typename I>
 auto select_accumulate(int64_t row_bytes) -> decltype(&accumulate_rows_baseline<T, I>) {
-#ifdef VQK_X86_SIMD
-  const std::string& capability = common::cpu_capability();
-  if (capability == "AVX512" && row_bytes > kShortRowBytes) return &accumulate_rows_avx512<T, I>;
-  if (capability == "AVX512" || capability == "AVX2") return &accumulate_rows_avx2<T, I>;
-#endif
-  return &accumulate_rows_baseline<T, I>;
+  const common::Isa isa = row_bytes > kShortRowBytes
+                              ? common::cpu_isa()
+                              : std::min(common::cpu_isa(), common::Isa::kAvx2);
+#define VQK_ACCUMULATE(NAME) &accumulate_rows_##NAME<T, I>
+  return VQK_PICK_ISA(isa, VQK_ACCUMULATE);
+#undef VQK_ACCUMULATE
 }
 
 // Tasks of pass 2: code blocks [bounds[b], bounds[b + 1]) of about equal work
@@ -181,7 +161,7 @@ Tasks plan_tasks(const std::vector<int64_t>& counts, int64_t dim) {
   // Slicing re-walks the rows (a TLB miss per row and slice): only against imbalance.
   if (dim > kColumnBlock && heaviest * blocks > n + k) {
     t.slice = kColumnBlock;
-    t.slices = (dim + kColumnBlock - 1) / kColumnBlock;
+    t.slices = cpu::ceil_div(dim, kColumnBlock);
   }
   return t;
 }

@@ -4,27 +4,14 @@
 //   indices[n]   = argmin_k ||e_k||^2 - 2 z_n.e_k   (lowest k on ties)
 //   distances[n] = ||z_n - e_indices[n]||^2         (exact, recomputed directly)
 //
-// Parallel over blocks of rows (at::parallel_for); never N x K: memory beyond
-// inputs and outputs is O(K) plus bounded per-thread tiles. Math in fp32 (fp64
-// for fp64 input) whatever the precision mode. Two paths, by D (crossover
-// measured on a 2-core AVX-512 Xeon: the SIMD loop wins up to D = 16):
-//  - D <= kDirectMaxDim: the codebook is staged once, in L1-sized tiles stored
-//    transposed, scaled by -2 and followed by ||e||^2 ((D + 1) * 4 bytes a
-//    code, O(K) as D is bounded); a register-blocked SIMD loop (R rows x C
-//    lane-vectors of codes, D inner) then spends one FMA per (row, code, dim)
-//    and each lane folds its score into its own running (min, argmin).
-//  - larger D: per (row tile x code tile) a single-threaded BLAS GEMM
-//    z_tile @ e_tile^T into a per-thread buffer, folded into the lanes by
-//    expanded_score.
-// FLOPs 2 N K D (+ 3 N D for the exact distances). Bytes: z once (N D), the
-// codebook once (direct path) or once per row block (GEMM path, ceil(N / 256)
-// K D, from cache), outputs 12 N (16 N for fp64).
-// The SIMD loops are compiled for AVX-512, AVX2 and the baseline ISA (target
-// attributes) and picked at run time from torch's CPU capability, so
-// ATEN_CPU_CAPABILITY=avx2 / default selects the narrower code too.
+// Parallel over blocks of rows; never N x K: beyond inputs and outputs, O(K)
+// memory and bounded per-thread tiles. Math in fp32 (fp64 for fp64 input)
+// whatever the precision mode. Small D (<= kDirectMaxDim) scans a staged,
+// transposed codebook with a register-blocked SIMD loop, one FMA per (row,
+// code, dim), each lane keeping its own (min, argmin); larger D takes a
+// single-threaded GEMM per (row tile x code tile), folded into the lanes.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -32,24 +19,19 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
-#if !defined(__GNUC__) && !defined(__clang__)
-#error "csrc/cpu/search.cpp needs GCC or Clang vector extensions"
-#endif
-// Vector-typed arguments of the forced-inline helpers (here and in
-// common/search.h) draw ABI notes; the helpers never exist out of line.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
+#include "cpu/simd.h"  // first: the -Wpsabi pragma (common/cpu_isa.h) covers common/search.h
 #include "common/checks.h"
-#include "common/cpu_isa.h"
 #include "common/search.h"
+#include "cpu/parallel.h"
 #include "vqkernels.h"
 
 namespace vqkernels {
 namespace {
+
+using namespace cpu;
 
 constexpr int64_t kDirectMaxDim = 16;
 constexpr int64_t kDirectRows = 1024;        // rows per block: their lane state stays in L2
@@ -57,20 +39,17 @@ constexpr int64_t kDirectTileBytes = 16384;  // transposed code tile, stays in L
 constexpr int64_t kGemmRows = 256;           // GEMM tile: 256 x 512 outputs, in L2
 constexpr int64_t kGemmCodes = 512;
 
+// Code indices in lanes of the scores' size, so that a comparison mask selects both.
 template <typename Acc>
-using IndexOf = std::conditional_t<sizeof(Acc) == 4, int32_t, int64_t>;
+using IndexOf = typename IntOf<Acc>::Signed;
 
-// SIMD lanes of VB bytes; the index lanes match the score lanes in size so a
-// comparison mask selects both.
+// Lane l holds l: the lanes' offsets within a vector of codes.
 template <typename Acc, int VB>
-struct Lanes {
-  static constexpr int kWidth = VB / static_cast<int>(sizeof(Acc));
-  typedef Acc Vec __attribute__((vector_size(VB)));
-  typedef IndexOf<Acc> IVec __attribute__((vector_size(VB)));
-};
-
-using common::load_vec;
-using common::store_vec;
+VQK_ALWAYS_INLINE typename Lanes<Acc, VB>::IVec lane_offsets() {
+  typename Lanes<Acc, VB>::IVec lane;
+  for (int l = 0; l < Lanes<Acc, VB>::kWidth; ++l) lane[l] = l;
+  return lane;
+}
 
 // Scores of `rows` (a multiple of R) staged rows of z against the first
 // `width` codes of a tile stored transposed and scaled, et[d * ld + j] =
@@ -81,13 +60,10 @@ template <typename Acc, int VB, int R, int C>
 VQK_ALWAYS_INLINE void scan_direct(const Acc* z, int64_t rows, const Acc* et, int64_t dim,
                                    int64_t ld, int64_t width, int64_t k0, Acc* best,
                                    IndexOf<Acc>* best_k) {
-  using L = Lanes<Acc, VB>;
-  using Vec = typename L::Vec;
-  using IVec = typename L::IVec;
-  using Index = IndexOf<Acc>;
-  constexpr int W = L::kWidth;
-  IVec lane;
-  for (int l = 0; l < W; ++l) lane[l] = l;
+  using Vec = typename Lanes<Acc, VB>::Vec;
+  using IVec = typename Lanes<Acc, VB>::IVec;
+  constexpr int W = Lanes<Acc, VB>::kWidth;
+  const IVec lane = lane_offsets<Acc, VB>();
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
     const Acc* zr = z + r0 * dim;
     Vec b[R];
@@ -111,7 +87,7 @@ VQK_ALWAYS_INLINE void scan_direct(const Acc* z, int64_t rows, const Acc* et, in
         }
       }
       for (int q = 0; q < C; ++q) {
-        const IVec k = lane + static_cast<Index>(k0 + j + q * W);
+        const IVec k = lane + static_cast<IndexOf<Acc>>(k0 + j + q * W);
         for (int r = 0; r < R; ++r) common::update_best(acc[r][q], k, b[r], bk[r]);
       }
     }
@@ -128,20 +104,17 @@ VQK_ALWAYS_INLINE void scan_direct(const Acc* z, int64_t rows, const Acc* et, in
 template <typename Acc, int VB>
 VQK_ALWAYS_INLINE void fold_scores(const Acc* dots, int64_t ld, int64_t rows, const Acc* sqnorm,
                                    int64_t width, int64_t k0, Acc* best, IndexOf<Acc>* best_k) {
-  using L = Lanes<Acc, VB>;
-  using Vec = typename L::Vec;
-  using IVec = typename L::IVec;
-  using Index = IndexOf<Acc>;
-  constexpr int W = L::kWidth;
-  IVec lane;
-  for (int l = 0; l < W; ++l) lane[l] = l;
+  using Vec = typename Lanes<Acc, VB>::Vec;
+  using IVec = typename Lanes<Acc, VB>::IVec;
+  constexpr int W = Lanes<Acc, VB>::kWidth;
+  const IVec lane = lane_offsets<Acc, VB>();
   for (int64_t r = 0; r < rows; ++r) {
     Vec b = load_vec<Vec>(best + r * W);
     IVec bk = load_vec<IVec>(best_k + r * W);
     for (int64_t j = 0; j < width; j += W) {
       const Vec s =
           common::expanded_score(load_vec<Vec>(sqnorm + j), load_vec<Vec>(dots + r * ld + j));
-      common::update_best(s, lane + static_cast<Index>(k0 + j), b, bk);
+      common::update_best(s, lane + static_cast<IndexOf<Acc>>(k0 + j), b, bk);
     }
     store_vec(best + r * W, b);
     store_vec(best_k + r * W, bk);
@@ -159,11 +132,16 @@ struct MicroKernels {
   void (*fold)(const Acc*, int64_t, int64_t, const Acc*, int64_t, int64_t, Acc*, IndexOf<Acc>*);
 };
 
-#define VQK_DEFINE_MICRO_KERNELS(NAME, TARGET, VB, R, C)                                        \
+// Code vectors per register block: 4 with AVX-512's 32 vector registers, 1 with 16.
+constexpr int code_vectors(int vector_bytes) { return vector_bytes == 64 ? 4 : 1; }
+constexpr int kRowBlock = 4;
+
+#define VQK_DEFINE_MICRO_KERNELS(NAME, TARGET, VB)                                              \
   template <typename Acc>                                                                       \
   TARGET void NAME##_scan(const Acc* z, int64_t rows, const Acc* et, int64_t dim, int64_t ld,    \
                           int64_t width, int64_t k0, Acc* best, IndexOf<Acc>* best_k) {         \
-    scan_direct<Acc, VB, R, C>(z, rows, et, dim, ld, width, k0, best, best_k);                  \
+    scan_direct<Acc, VB, kRowBlock, code_vectors(VB)>(z, rows, et, dim, ld, width, k0, best,    \
+                                                      best_k);                                  \
   }                                                                                             \
   template <typename Acc>                                                                       \
   TARGET void NAME##_fold(const Acc* dots, int64_t ld, int64_t rows, const Acc* sqnorm,         \
@@ -173,26 +151,17 @@ struct MicroKernels {
   template <typename Acc>                                                                       \
   MicroKernels<Acc> NAME##_kernels() {                                                          \
     constexpr int W = Lanes<Acc, VB>::kWidth;                                                   \
-    return {W, R, C * W, &NAME##_scan<Acc>, &NAME##_fold<Acc>};                                 \
+    return {W, kRowBlock, code_vectors(VB) * W, &NAME##_scan<Acc>, &NAME##_fold<Acc>};          \
   }
-
-#ifdef VQK_X86_SIMD
-VQK_DEFINE_MICRO_KERNELS(avx512, VQK_TARGET_AVX512, 64, 4, 4)
-VQK_DEFINE_MICRO_KERNELS(avx2, VQK_TARGET_AVX2, 32, 4, 1)
-#endif
-VQK_DEFINE_MICRO_KERNELS(baseline, VQK_TARGET_BASELINE, 16, 4, 1)
+VQK_DEFINE_ISA_COPIES(VQK_DEFINE_MICRO_KERNELS)
+#undef VQK_DEFINE_MICRO_KERNELS
 
 template <typename Acc>
 MicroKernels<Acc> select_micro_kernels() {
-#ifdef VQK_X86_SIMD
-  const std::string& capability = common::cpu_capability();
-  if (capability == "AVX512") return avx512_kernels<Acc>();
-  if (capability == "AVX2") return avx2_kernels<Acc>();
-#endif
-  return baseline_kernels<Acc>();
+#define VQK_MICRO_KERNELS(NAME) NAME##_kernels<Acc>()
+  return VQK_PICK_ISA(common::cpu_isa(), VQK_MICRO_KERNELS);
+#undef VQK_MICRO_KERNELS
 }
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 template <typename T, typename Acc>
 struct Problem {
@@ -253,7 +222,7 @@ void reset_lanes(int64_t count, Acc* best, IndexOf<Acc>* best_k) {
 // a code, and it spares every row block a conversion of the codebook.
 template <typename T, typename Acc>
 std::vector<Acc> stage_codebook(const Problem<T, Acc>& p, int64_t tile) {
-  const int64_t D = p.dim, tiles = (p.k + tile - 1) / tile;
+  const int64_t D = p.dim, tiles = ceil_div(p.k, tile);
   std::vector<Acc> staged(tiles * (D + 1) * tile);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -338,9 +307,9 @@ void search(const Problem<T, Acc>& p) {
   const bool direct = p.dim <= kDirectMaxDim;
   // Enough blocks for every thread, but no more rows per block than the path's tiles want.
   const int64_t threads = at::get_num_threads();
-  const int64_t per_thread = round_up((p.n + threads - 1) / threads, 8);
+  const int64_t per_thread = round_up(ceil_div(p.n, threads), 8);
   const int64_t block_rows = std::min(direct ? kDirectRows : kGemmRows, per_thread);
-  const int64_t blocks = (p.n + block_rows - 1) / block_rows;
+  const int64_t blocks = ceil_div(p.n, block_rows);
   if (direct) {
     const int64_t step = p.mk.codes;
     const int64_t code_bytes = (p.dim + 1) * static_cast<int64_t>(sizeof(Acc));

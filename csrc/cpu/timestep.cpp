@@ -67,9 +67,8 @@ void timestep_embedding_rows(const T* t, Out* out, int64_t begin, int64_t end,
 at::Tensor timestep_embedding_cpu(const at::Tensor& t, int64_t dim, double max_period,
                                   bool flip_sin_to_cos, double downscale_freq_shift,
                                   double scale, at::ScalarType dtype) {
-  VQK_CHECK_DEVICE(t, at::kCPU);
-  TORCH_CHECK(t.dim() == 1, "t must be 1-D, got ", t.dim(), " dims");
-  const auto p = make_timestep_params(dim, max_period, flip_sin_to_cos, downscale_freq_shift, scale);
+  const auto p = check_timestep_args(t, at::kCPU, dim, max_period, flip_sin_to_cos,
+                                     downscale_freq_shift, scale);
   const at::Tensor tc = t.contiguous();
   at::Tensor out = at::empty({tc.size(0), dim}, tc.options().dtype(dtype));
   const int64_t grain = std::max<int64_t>(1, 16384 / dim);

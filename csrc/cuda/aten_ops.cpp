@@ -15,9 +15,8 @@ namespace vqkernels {
 at::Tensor timestep_embedding_cuda(const at::Tensor& t, int64_t dim, double max_period,
                                    bool flip_sin_to_cos, double downscale_freq_shift,
                                    double scale, at::ScalarType dtype) {
-  VQK_CHECK_DEVICE(t, at::kCUDA);
-  TORCH_CHECK(t.dim() == 1, "t must be 1-D, got ", t.dim(), " dims");
-  const auto p = make_timestep_params(dim, max_period, flip_sin_to_cos, downscale_freq_shift, scale);
+  const auto p = check_timestep_args(t, at::kCUDA, dim, max_period, flip_sin_to_cos,
+                                     downscale_freq_shift, scale);
   const c10::cuda::CUDAGuard guard(t.device());
   const at::Tensor tc = t.contiguous();
   at::Tensor out = at::empty({tc.size(0), dim}, tc.options().dtype(dtype));
@@ -210,6 +209,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
       c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(status);  // every input the launcher refuses was checked above
   return {out, lse};
+}
+
+std::vector<int64_t> attention_head_dims_cuda() {
+#define VQK_LIST_DIM(DIM) DIM,
+  return {VQK_ATTENTION_HEAD_DIMS(VQK_LIST_DIM)};
+#undef VQK_LIST_DIM
 }
 
 }  // namespace vqkernels

@@ -5,29 +5,19 @@
 //   lse = log(sum_j exp(s_j))    natural log, fp32
 //   out = softmax(s) v           in q's dtype (fp16 / bf16), fp32 accumulation
 //
-// A CTA of kWarps = 4 warps owns kM = 64 query rows of one (b, h); warp w owns
-// rows 16w..16w+15 and keeps its Q fragments, the S tile (16 x kN) and the O
-// accumulators (16 x D) in registers. The CTA walks the keys in blocks of
-// kN = 64: K and V tiles are double-buffered in shared memory with cp.async
-// (block j + 1 is copied while block j is computed), S = Q K^T and O += P V are
-// mma.sync.m16n8k16 with fp32 accumulators, and the softmax is online
-// (exp2 with scale * log2(e) folded into the logits; running max m and
-// per-thread partial row sums l, reduced across the row's 4 lanes at the end).
-// Padding: Q K^T takes ceil(D / 16) k-steps; when D % 16 == 8 the last one
-// loads only its 8 real columns and feeds zero registers for the other 8 (so
-// nothing past column D is read). P V takes D / 8 n8-tiles, exact.
-//
-// FLOPs 4 B H Sq Sk D. Bytes: Q in and O out 2 B H Sq D each, lse 4 B H Sq,
-// K and V 2 B H Sk D each per 64-row query block (ceil(Sq / 64) reads, all but
-// the first mostly from L2: the query blocks of one (b, h) are adjacent in the grid).
+// A CTA of kWarps warps owns kM query rows of one (b, h), a warp 16 of them,
+// holding its Q fragments, S tile and O accumulators in registers. The CTA
+// walks the keys in blocks of kN, double-buffering the K and V tiles in shared
+// memory (cp.async), with S = Q K^T and O += P V on mma.sync and an online
+// softmax in the log2 domain. Query blocks of one (b, h) are adjacent in the
+// grid, so K and V are read from L2 after the first.
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
 #include "dispatch.cuh"
 #include "kernels.h"
+#include "mma.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #pragma nv_diag_suppress 177  // the kernel body is compiled out, its helpers unused
@@ -72,82 +62,6 @@ struct Params {
   int sq, sk, m_blocks;
   float scale_log2;
 };
-
-// ---- PTX wrappers (sm_80+) ---------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy global -> shared; valid == false writes 16 zero bytes (src-size 0).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
-// ldmatrix .m8n8 .b16: lane 8i + r supplies the address of row r (16 bytes) of
-// matrix i; register i of lane l receives row l / 4, columns 2 (l % 4) + {0, 1}
-// of matrix i (lower column in the low half). .trans delivers the transpose:
-// rows 2 (l % 4) + {0, 1}, column l / 4. .x2 reads addresses from lanes 0..15 only.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
-}
-__device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
-}
-__device__ __forceinline__ void ldsm_x2_t(uint32_t& r0, uint32_t& r1, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
-}
-
-// D = A B + D for one 16 x 8 x 16 tile (PTX ISA, mma.m16n8k16, f16 / bf16 -> f32).
-// With g = lane / 4 and t = lane % 4 (each register packs two 16-bit values, low first):
-//   A (16 x 16, row):  a[0] = (g,   2t..2t+1)   a[1] = (g+8, 2t..2t+1)
-//                      a[2] = (g,   2t+8..+9)   a[3] = (g+8, 2t+8..+9)
-//   B (16 x 8,  col):  b0 = (k = 2t..2t+1, n = g)   b1 = (k = 2t+8..2t+9, n = g)
-//   C (16 x 8, f32):   c[0], c[1] = (g, 2t), (g, 2t+1);  c[2], c[3] = (g+8, 2t), (g+8, 2t+1)
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                                  uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                         uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats rounded to T and packed, lo in the low 16 bits (the mma element order).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t r;
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    memcpy(&r, &h, 4);
-  } else {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    memcpy(&r, &h, 4);
-  }
-  return r;
-}
 
 // ---- global <-> shared ---------------------------------------------------------------------
 
@@ -250,26 +164,16 @@ __device__ __forceinline__ void pv_tile(float (&o)[Tiles<D>::kDTiles][4],
 #pragma unroll
     for (int jp = 0; jp < S::kDTiles / 2; ++jp) {
       uint32_t b[4];
-      ldsm_x4_t(b, row + jp * 16 * 2);
+      ldsm_x4<true>(b, row + jp * 16 * 2);
       mma_16816<T>(o[2 * jp], a, b[0], b[1]);
       mma_16816<T>(o[2 * jp + 1], a, b[2], b[3]);
     }
     if constexpr (S::kDTiles % 2) {
       uint32_t b0, b1;
-      ldsm_x2_t(b0, b1, row + (S::kDTiles - 1) * 8 * 2);
+      ldsm_x2<true>(b0, b1, row + (S::kDTiles - 1) * 8 * 2);
       mma_16816<T>(o[S::kDTiles - 1], a, b0, b1);
     }
   }
-}
-
-// Max over the 4 lanes (lane % 4 = 0..3) that hold one row of a C fragment.
-__device__ __forceinline__ float row_max4(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float row_sum4(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 // One online-softmax step on a 16 x kN logit tile. Thread rows: r = 0 is row g

@@ -11,17 +11,18 @@ namespace vqkernels::cuda {
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
 template <typename T>
 __device__ __forceinline__ T from_float(float x) { return static_cast<T>(x); }
-template <>
-__device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+
+// The 16-bit types convert through their intrinsics (round to nearest even).
+#define VQK_FLOAT_CONVERSIONS(T, TO_FLOAT, FROM_FLOAT)                                \
+  template <>                                                                         \
+  __device__ __forceinline__ float to_float(T x) { return TO_FLOAT(x); }              \
+  template <>                                                                         \
+  __device__ __forceinline__ T from_float(float x) { return FROM_FLOAT(x); }
+VQK_FLOAT_CONVERSIONS(__half, __half2float, __float2half_rn)
+VQK_FLOAT_CONVERSIONS(__nv_bfloat16, __bfloat162float, __float2bfloat16_rn)
+#undef VQK_FLOAT_CONVERSIONS
 
 template <typename F>
 cudaError_t dispatch_float(DType dtype, F&& f) {

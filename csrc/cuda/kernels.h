@@ -52,8 +52,8 @@ cudaError_t launch_ema_finalize(float* cluster_size, float* embed_sum, void* cod
 // One fused DDIM step (csrc/cuda/ddim.cu) of a checked record (csrc/common/ddim.h).
 cudaError_t launch_ddim_step(const common::DdimStep& step, cudaStream_t stream);
 
-// Head dims with a compiled attention kernel (each a multiple of 8, <= 128);
-// vqkernels/ops/attention.py's CUDA_HEAD_DIMS must list the same.
+// Head dims with a compiled attention kernel (each a multiple of 8, <= 128),
+// ascending; Python reads them from the extension (attention_head_dims_cuda).
 #define VQK_ATTENTION_HEAD_DIMS(X) X(16) X(32) X(40) X(48) X(64) X(72) X(80) X(96) X(128)
 
 inline bool attention_head_dim_compiled(int64_t d) {

@@ -29,7 +29,6 @@ from vqkernels._dispatch import (Backend, OpDispatch, device_capability,
 from vqkernels.reference import attention as reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CUDA_HEAD_DIMS = (16, 32, 40, 48, 64, 72, 80, 96, 128)  # = VQK_ATTENTION_HEAD_DIMS, kernels.h
 TRITON_MAX_HEAD_DIM = 256
 
 
@@ -49,8 +48,9 @@ def _run_triton(q, k, v, scale):
 
 def _cuda_limits(*, device, dtype, head_dim, requires_grad=False):
     reasons = []
-    if head_dim not in CUDA_HEAD_DIMS:
-        reasons.append(f"head_dim {head_dim} is not one of {list(CUDA_HEAD_DIMS)}")
+    head_dims = _ext.cuda_attention_head_dims()  # none: cuda_kernels_reasons says why
+    if head_dims and head_dim not in head_dims:
+        reasons.append(f"head_dim {head_dim} is not one of {list(head_dims)}")
     if device.type == "cuda" and device_capability(device) < (8, 0):
         reasons.append("the CUDA kernel needs sm_80 or newer (mma.sync on bf16)")
     if requires_grad:
