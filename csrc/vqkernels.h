@@ -65,7 +65,7 @@ void ema_update_from_stats_cuda(VQK_EMA_UPDATE_FROM_STATS_ARGS);
 #endif
 
 // One fused DDIM step (see vqkernels/reference/ddim.py, math in csrc/common/ddim.h),
-// on CPU or CUDA tensors; the arguments are the op's schema (python_bindings/ops.cpp),
+// on CPU or CUDA tensors; the arguments are the op's schema (csrc/op_registry.cpp),
 // each described by vqkernels/ops/ddim.py's StepArgs: sample (B, M), cond / uncond
 // (B, >= M) model outputs (uncond: classifier-free guidance of the first
 // guided_elems), int64 timesteps, a float32 alphas_cumprod table, noise given

@@ -1,5 +1,5 @@
 // The pybind11 module vqkernels._C: importing it registers the torch ops
-// (python_bindings/ops.cpp is linked in) and exposes what was built.
+// (csrc/op_registry.cpp is linked in) and exposes what was built.
 #include <torch/extension.h>
 
 #include "vqkernels.h"

@@ -232,11 +232,9 @@ def test_explicit_backend_refusals_list_reasons(generator):
 def test_cuda_head_dims_come_from_the_extension(monkeypatch):
     """The head dims compiled into the CUDA kernel reach Python, and the
     CUDA backend's refusal names them."""
-    import importlib
-
     from vqkernels import _ext
+    from vqkernels.ops import flash_attention as op
 
-    op = importlib.import_module("vqkernels.ops.attention")  # ops.attention is the function
     dims = _ext.cuda_attention_head_dims()
     if _ext.build_info().get("cuda"):
         assert dims == tuple(_ext._C.cuda_attention_head_dims())
@@ -253,9 +251,7 @@ def test_cuda_head_dims_come_from_the_extension(monkeypatch):
 
 def test_cuda_backend_limits(monkeypatch):
     """The CUDA forward needs sm_80, and for gradients the Triton backward."""
-    import importlib
-
-    op = importlib.import_module("vqkernels.ops.attention")  # ops.attention is the function
+    from vqkernels.ops import flash_attention as op
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(op, "device_capability", lambda device: (7, 5))

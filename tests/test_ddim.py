@@ -322,7 +322,7 @@ def test_out_of_range_device_timestep_gives_nan(backend, device, generator):
 
 
 def test_step_ops_share_one_schema():
-    # The Triton op is defined from StepArgs; the C++ op's schema (python_bindings/ops.cpp)
+    # The Triton op is defined from StepArgs; the C++ op's schema (csrc/op_registry.cpp)
     # must list the same arguments, in the same order, with the same types.
     ops_with_schema = ["ddim_step_triton"] + (["ddim_step"] if _ext._C is not None else [])
     for name in ops_with_schema:

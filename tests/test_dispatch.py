@@ -10,7 +10,7 @@ from vqkernels import _dispatch, _ext, _verified
 from vqkernels._selftest import selftest
 from vqkernels._verified import Verification
 from vqkernels.ops import ddim, ema, search, timestep
-from vqkernels.ops.attention import DISPATCH as ATTENTION
+from vqkernels.ops.flash_attention import DISPATCH as ATTENTION
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda", 0)

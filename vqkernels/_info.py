@@ -14,7 +14,7 @@ from vqkernels._version import __version__
 def _op_dispatches():
     """label -> (public op, its dispatch, the dtype and shape facts info() asks about)."""
     from vqkernels.ops import ddim, ema, search, timestep
-    from vqkernels.ops.attention import DISPATCH as attention_dispatch  # ops.attention: the op
+    from vqkernels.ops.flash_attention import DISPATCH as attention_dispatch
 
     f32 = torch.float32
     return {

@@ -17,7 +17,7 @@ import torch
 from vqkernels import ops
 from vqkernels._dispatch import OpDispatch
 from vqkernels.ops import ddim, ema, search, timestep
-from vqkernels.ops.attention import DISPATCH as ATTENTION_DISPATCH  # ops.attention: the op
+from vqkernels.ops.flash_attention import DISPATCH as ATTENTION_DISPATCH
 from vqkernels.reference import attention as ref_attention
 from vqkernels.reference import ddim as ref_ddim
 from vqkernels.reference import ema as ref_ema

@@ -108,9 +108,11 @@ def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Each result is a sum of products; rounding errors of random sign add up to
     a few ulps of the root-sum-square (RSS) of its terms, which stays large
     where the sum cancels (the dS of a row sum to zero). With
-    P = softmax(scale q k^T) and dS = P * (dO v^T - rowsum(dO * O))::
+    P = softmax(S), S = scale q k^T and dS = P * (dO v^T - rowsum(dO * O))::
 
-        out: RSS of P v     dq: |scale| RSS of dS k     dk: |scale| RSS of dS^T q     dv: RSS of P^T dO
+        out: RSS of P v, and P |v| |S|  (P's relative error is that of S: ulps of
+             |S| or its terms' RSS, large for large logits)
+        dq: |scale| RSS of dS k     dk: |scale| RSS of dS^T q     dv: RSS of P^T dO
 
     each at least the result's own max, under keys "out", "dq", "dk", "dv"
     (only "out" without ``grad_out``).
@@ -118,10 +120,13 @@ def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = (x.detach().double().cpu() for x in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     biggest = (lambda x: x.abs().max().item() if x.numel() else 0.0)
-    size = (lambda a, b: max(biggest(a @ b), biggest((a.square() @ b.square()).sqrt())))
-    p = torch.softmax(scale * q @ k.transpose(-2, -1), dim=-1)
+    rss = (lambda a, b: (a.square() @ b.square()).sqrt())
+    size = (lambda a, b: max(biggest(a @ b), biggest(rss(a, b))))
+    logits = scale * q @ k.transpose(-2, -1)
+    logit_size = torch.maximum(logits.abs(), abs(scale) * rss(q, k.transpose(-2, -1)))
+    p = torch.softmax(logits, dim=-1)
     out = p @ v
-    sizes = {"out": size(p, v)}
+    sizes = {"out": max(size(p, v), biggest((p * logit_size) @ v.abs()))}
     if grad_out is not None:
         do = grad_out.detach().double().cpu()
         ds = p * (do @ v.transpose(-2, -1) - (do * out).sum(-1, keepdim=True))

@@ -71,7 +71,7 @@ inline void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codeb
 }
 
 // What would crash the attention kernels (the rest is validated in
-// vqkernels/ops/attention.py): q (B, H, Sq, d), k and v (B, H, Sk, d) sharing
+// vqkernels/ops/flash_attention.py): q (B, H, Sq, d), k and v (B, H, Sk, d) sharing
 // q's B, H, d, dtype and device, each with unit stride along d (any other
 // strides), and at least one key when there are queries.
 inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vqkernels.bench.cases import REFERENCE, Case, usable_backends
-from vqkernels.ops.attention import DISPATCH, attention
+from vqkernels.ops.flash_attention import DISPATCH, attention
 
 GPU_SHAPES = ((64, 16, 256, 72), (16, 16, 1024, 72), (4, 16, 4096, 72),
               (16, 16, 1024, 64), (16, 16, 1024, 128))

@@ -1,5 +1,5 @@
 """The public functional API: validation, backend dispatch, autograd, torch.library."""
-from vqkernels.ops.attention import attention
+from vqkernels.ops.flash_attention import attention
 from vqkernels.ops.ddim import ddim_step
 from vqkernels.ops.ema import code_counts_and_sums, ema_update_
 from vqkernels.ops.codebook_init import kmeans, replace_dead_codes_

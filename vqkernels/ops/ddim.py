@@ -52,7 +52,7 @@ class StepArgs(NamedTuple):
     """The arguments of the fused step ops, in their schema's order (``STEP_SCHEMA``).
 
     ``torch.ops.vqkernels.ddim_step`` (C++ / CUDA, schema in
-    python_bindings/ops.cpp) and ``ddim_step_triton`` take these positionally
+    csrc/op_registry.cpp) and ``ddim_step_triton`` take these positionally
     and return ``(prev_sample, pred_original_sample)``, each ``(B, M)`` like
     ``sample`` or empty ``(0,)`` when its ``write_*`` flag is off.
     """

@@ -1,21 +1,14 @@
-"""Scaled dot-product attention for diffusion transformers, the public op.
+"""Scaled dot-product attention for diffusion transformers: ``vqkernels.ops.attention``.
 
-Non-causal (DiT is bidirectional), no mask, q (B, H, Sq, d), k and v
-(B, H, Sk, d). Backends: Triton (forward and backward, fp16 / bf16 / fp32 on
-CUDA), CUDA (forward on tensor cores, fp16 / bf16, sm_80+; its backward runs
-the Triton one, which reads the same saved logsumexp, so without Triton the
-CUDA backend refuses inputs that require grad), C++ CPU (forward and
-backward, fp32 / fp64) and the PyTorch reference (explicit softmax).
-
-Every kernel is FlashAttention-2 style: a blocked online softmax that never
-holds an S x S matrix, saving lse = log sum_j exp(s_ij) per query row so the
-backward recomputes the probabilities instead of storing them.
-
-``auto`` order: on CPU the C++ kernel. On CUDA Triton, then the CUDA kernel:
-neither has run on a GPU yet, and the Triton one is the one with a backward;
-the H100 benchmark decides (benchmarks/bench_attention.py). A backend verified
-on the GPU goes before one that is not (``vqkernels._dispatch``). float32 on the GPU
-is computed in IEEE fp32, not tf32, so it keeps the fp32 reference's accuracy.
+Non-causal (DiT is bidirectional), no mask, q (B, H, Sq, d), k and v (B, H, Sk, d).
+Every kernel is FlashAttention-2 style: a blocked online softmax that never holds
+an Sq x Sk matrix, saving lse = log sum_j exp(s_ij) per query row so that the
+backward recomputes the probabilities. Backends: Triton (forward and backward,
+fp16 / bf16 / fp32, fp32 in IEEE, not tf32), CUDA (forward on tensor cores,
+fp16 / bf16, sm_80+; its backward is Triton's, which reads the same lse, so
+without Triton it refuses inputs that require grad), C++ CPU (forward and
+backward, fp32 / fp64) and the reference. ``auto`` on CUDA tries Triton first,
+the one with a backward, until GPU results order them (``vqkernels._verified``).
 """
 from __future__ import annotations
 
@@ -38,7 +31,7 @@ def _run_reference(q, k, v, scale):
     return reference.attention(q, k, v, scale)
 
 
-def _run_cpp(q, k, v, scale):
+def _run_compiled(q, k, v, scale):
     return torch.ops.vqkernels.attention_forward(q, k, v, scale)[0]
 
 
@@ -69,8 +62,8 @@ DISPATCH = OpDispatch(
     op="attention",
     backends={
         "reference": Backend("reference", _run_reference),
-        "cpu": Backend("cpu", _run_cpp, dtypes=(torch.float32, torch.float64)),
-        "cuda": Backend("cuda", _run_cpp, dtypes=(torch.float16, torch.bfloat16),
+        "cpu": Backend("cpu", _run_compiled, dtypes=(torch.float32, torch.float64)),
+        "cuda": Backend("cuda", _run_compiled, dtypes=(torch.float16, torch.bfloat16),
                         limits=_cuda_limits),
         "triton": Backend("triton", _run_triton,
                           dtypes=(torch.float16, torch.bfloat16, torch.float32),
