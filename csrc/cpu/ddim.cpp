@@ -20,8 +20,8 @@
 #include <string>
 #include <type_traits>
 
+#include "common/cpu_isa.h"  // first: its pragma quiets -Wpsabi in the headers after it
 #include "common/checks.h"
-#include "common/cpu_isa.h"
 #include "common/ddim.h"
 #include "common/philox.h"
 #include "vqkernels.h"
@@ -84,24 +84,19 @@ using StepFloats = void (*)(const float*, const float*, const float*, int64_t, c
                             const common::DdimParams&);
 
 #define VQK_DEFINE_STEP_FLOATS(NAME, TARGET, VECTOR_BYTES)                                       \
-  TARGET void NAME(const float* x, const float* cond, const float* uncond, int64_t guided,      \
-                   const float* z, float* x0, float* prev, int64_t n, float threshold,          \
-                   const common::DdimCoefficients& c, const common::DdimParams& p) {            \
+  TARGET void NAME##_step_floats(const float* x, const float* cond, const float* uncond,        \
+                                 int64_t guided, const float* z, float* x0, float* prev,        \
+                                 int64_t n, float threshold, const common::DdimCoefficients& c, \
+                                 const common::DdimParams& p) {                                 \
     step_floats<VECTOR_BYTES>(x, cond, uncond, guided, z, x0, prev, n, threshold, c, p);        \
   }
-#ifdef VQK_X86_SIMD
-VQK_DEFINE_STEP_FLOATS(step_floats_avx512, VQK_TARGET_AVX512, 64)
-VQK_DEFINE_STEP_FLOATS(step_floats_avx2, VQK_TARGET_AVX2, 32)
-#endif
-VQK_DEFINE_STEP_FLOATS(step_floats_baseline, VQK_TARGET_BASELINE, 16)
+VQK_DEFINE_ISA_COPIES(VQK_DEFINE_STEP_FLOATS)
+#undef VQK_DEFINE_STEP_FLOATS
 
 StepFloats select_step_floats() {
-#ifdef VQK_X86_SIMD
-  const std::string& capability = common::cpu_capability();
-  if (capability == "AVX512") return &step_floats_avx512;
-  if (capability == "AVX2") return &step_floats_avx2;
-#endif
-  return &step_floats_baseline;
+#define VQK_STEP_FLOATS(NAME) &NAME##_step_floats
+  return VQK_PICK_ISA(common::cpu_isa(), VQK_STEP_FLOATS);
+#undef VQK_STEP_FLOATS
 }
 
 // p[0, n) as float32: p itself when it is float32, else converted into buf.
