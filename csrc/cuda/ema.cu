@@ -1,21 +1,11 @@
 // EMA codebook update, CUDA kernels (math in csrc/common/ema.h, spec in
 // vqkernels/reference/ema.py). Rows whose index is outside [0, K) are skipped
 // in-kernel: nothing is checked on the host (no sync), nothing is written out
-// of bounds.
-//
-// Statistics, one pass over z, either
-//  - atomic (fast): one thread per element of z, atomicAdd into sums (fp32,
-//    the summation order varies from run to run) and into the u64 counts.
-//    Bytes: N D s read, N D fp32 atomics, N u64 atomics;
-//  - sorted (deterministic): given the rows sorted stably by code (done by the
-//    ATen launcher), one thread per (code, column) finds its code's segment by
-//    binary search and sums the rows in row order, a sequential fp32 sum: the
-//    same additions as a sequential loop, so the result is bitwise the same on
-//    every run, GPU and grid (and the same as the C++ CPU kernel's).
-//    Bytes: N D s gathered (coalesced across columns), 8 N row ids per column.
-// Finalize: one block updates cluster_size and reduces the total in fp64 in a
-// fixed tree; then one thread per (code, column) updates embed_sum and writes
-// the codebook. Bytes: 12 K + K D (12 + s).
+// of bounds. Statistics in one pass over z, either atomic (fast; the fp32
+// summation order varies between runs) or sorted (deterministic: the same
+// sequential sums on every run, GPU and grid, as the C++ CPU kernel). Then one
+// block updates cluster_size and reduces the total in fp64 in a fixed tree, and
+// one thread per (code, column) updates embed_sum and writes the codebook.
 #include <cuda_runtime.h>
 
 #include "common/ema.h"
@@ -28,6 +18,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kClusterThreads = 1024;  // one block; a power of two for the tree
 
+// One thread per element of z: atomicAdd into sums (fp32) and the u64 counts.
+// Bytes: N D s read, N D fp32 atomics, N u64 atomics.
 template <typename T, typename I>
 __global__ void code_stats_atomic_kernel(const T* __restrict__ z, const I* __restrict__ indices,
                                          int64_t n, int64_t k, int64_t dim,
@@ -55,6 +47,9 @@ __device__ __forceinline__ int64_t lower_bound(const int64_t* __restrict__ sorte
   return lo;
 }
 
+// Rows sorted stably by code (by the ATen launcher): one thread per (code,
+// column) finds its code's segment by binary search and sums its rows in row
+// order. Bytes: N D s gathered (coalesced across columns), 8 N row ids per column.
 template <typename T>
 __global__ void code_stats_sorted_kernel(const T* __restrict__ z,
                                          const int64_t* __restrict__ sorted_codes,
@@ -103,6 +98,7 @@ __global__ void __launch_bounds__(kClusterThreads)
   if (threadIdx.x == 0) *total = static_cast<float>(partial[0]);
 }
 
+// Bytes of the update (this and ema_cluster_kernel): 12 K + K D (12 + s).
 template <typename C>
 __global__ void ema_codebook_kernel(float* __restrict__ embed_sum, const float* __restrict__ sums,
                                     const float* __restrict__ cluster_size, C* __restrict__ codebook,

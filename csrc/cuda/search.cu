@@ -1,29 +1,12 @@
 // Nearest-codebook search, CUDA SIMT kernel (result rule and math in
-// csrc/common/search.h).
-//
+// csrc/common/search.h):
 //   indices[n]   = argmin_k ||z_n - e_k||^2     (lowest k on ties)
 //   distances[n] = ||z_n - e_indices[n]||^2     (exact)
-// fp32 FMA for every precision mode; fp16 / bf16 are converted on load. It
-// ranks by the exact distance, so it needs no ||e||^2.
-//
-// Three launches on the caller's stream:
-//  1. init:     keys[n] = search_key(+inf, 0)                       (8 N bytes)
-//  2. search:   grid (row blocks, code splits). A thread owns one row of z;
-//               the block stages a tile of kCodes codes x DC dims of the
-//               codebook in shared memory (fp32); each thread accumulates the
-//               exact distances of its row to the tile's codes in registers,
-//               in increasing d (one chunk of DC dims at a time, zero padded:
-//               (0 - 0)^2 adds nothing), and keeps a running (min, argmin) in
-//               increasing k. At the end one atomicMin of the packed
-//               (score, k) key per row and split merges the splits in
-//               merge_best order, so the result does not depend on timing.
-//               FLOPs 3 N K D (sub + fma); bytes: z N D (once per split when
-//               D <= 64, else once per code tile, from L1/L2), codebook
-//               ceil(N / kRows) K D, keys 8 N.
-//  3. finalize: indices[n] = k of keys[n]; distances[n] = exact distance to
-//               that code, recomputed (a NaN row keeps index 0, distance NaN).
-//               Bytes N D + N D (winner rows) + 12 N.
-// Memory beyond inputs and outputs: the keys, 8 N bytes (the caller's buffer).
+// It ranks by the exact distance (no ||e||^2, no cancellation), in fp32 FMA for
+// every precision mode; fp16 / bf16 are converted on load. Three launches on
+// the caller's stream: init the packed (score, k) keys, search (an atomicMin
+// per row and code split, merged in a fixed order so the result does not depend
+// on timing), finalize. Memory beyond inputs and outputs: the keys, 8 N bytes.
 #include <cuda_runtime.h>
 
 #include "common/search.h"
@@ -43,6 +26,7 @@ struct ToFloat {
   __device__ __forceinline__ float operator()(T x) const { return to_float(x); }
 };
 
+// keys[n] = search_key(+inf, 0). Bytes 8 N.
 __global__ void init_keys_kernel(unsigned long long* __restrict__ keys, int64_t n) {
   const unsigned long long init = common::initial_search_key();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -51,6 +35,13 @@ __global__ void init_keys_kernel(unsigned long long* __restrict__ keys, int64_t 
   }
 }
 
+// Grid (row blocks, code splits). A thread owns one row of z; the block stages
+// a tile of kCodes codes x DC dims of the codebook in shared memory (fp32); each
+// thread accumulates its row's exact distances to the tile in registers in
+// increasing d (chunks zero padded: (0 - 0)^2 adds nothing) and keeps a running
+// (min, argmin) in increasing k; one atomicMin per row and split merges them.
+// FLOPs 3 N K D; bytes: z N D (once per split when D <= 64, else once per code
+// tile, from L1/L2), codebook ceil(N / kRows) K D, keys 8 N.
 // DC: dims per chunk (a multiple of 4, for float4 shared-memory reads).
 // kOneChunk: D <= DC, so the row of z stays in registers for the whole split.
 template <typename T, int DC, bool kOneChunk>
@@ -114,6 +105,8 @@ __global__ void __launch_bounds__(kRows)
   }
 }
 
+// indices[n] = k of keys[n]; distances[n] = the exact distance to that code,
+// recomputed (a NaN row keeps index 0, distance NaN). Bytes 2 N D + 12 N.
 template <typename T>
 __global__ void finalize_kernel(const T* __restrict__ z, const T* __restrict__ e,
                                 const unsigned long long* __restrict__ keys, int64_t n,
