@@ -3,9 +3,16 @@
 Build knobs, all read here:
   VQKERNELS_BUILD_CUDA   unset: build the CUDA kernels when nvcc and a CUDA build
                          of torch are present; 0: never; 1: always (fail if impossible).
-  TORCH_CUDA_ARCH_LIST   CUDA archs, default "8.0;9.0" (sm_80 and sm_90).
+  TORCH_CUDA_ARCH_LIST   CUDA archs, default "8.0;9.0+PTX": SASS for sm_80 (A100)
+                         and sm_90 (H100 / H200), and compute_90 PTX that newer GPUs
+                         JIT-compile.
   CUDA_HOME              CUDA toolkit root; found from `nvcc` when unset.
   MAX_JOBS               parallel compile jobs (ninja).
+
+A built wheel or install is tied to the torch it compiled against (its C++ ABI
+holds only within a minor): the version carries a PEP 440 local label naming
+that torch and CUDA (0.1.0+torch2.14cu130, 0.1.0+torch2.14cpu) and the
+metadata pins torch to that minor (torch==2.14.*). An sdist has neither.
 """
 import importlib.util
 import os
@@ -18,7 +25,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+BUILDING_SDIST = "sdist" in sys.argv  # setuptools.build_meta runs `setup.py sdist`
 
 
 def read_version():
@@ -84,6 +92,13 @@ def write_build_config(out_dir, values):
     (out_dir / "build_config.h").write_text(template)
 
 
+def built_for(torch, build_cuda):
+    """(the PEP 440 local version label, the torch requirement) of a build against ``torch``."""
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    cuda = "cu" + torch.version.cuda.replace(".", "") if build_cuda else "cpu"
+    return f"torch{minor}{cuda}", f"torch=={minor}.*"
+
+
 def make_extension():
     cuda_home = find_cuda_home()
     if cuda_home:
@@ -109,7 +124,7 @@ def make_extension():
         macros.append(("VQKERNELS_WITH_CUDA", None))
         cxx_flags += [f"-idirafter{d}" for d in nvidia_pip_include_dirs()]
     ext_cls = CUDAExtension if build_cuda else CppExtension
-    return ext_cls(
+    return built_for(torch, build_cuda), ext_cls(
         name="vqkernels._C",
         sources=sources["cpu"] + (sources["cuda"] if build_cuda else []) + ["python_bindings/module.cpp"],
         include_dirs=[str(ROOT / "csrc"), str(generated)],
@@ -119,12 +134,18 @@ def make_extension():
     )
 
 
+DEPENDENCIES = ["triton>=3.6; platform_system == 'Linux'", "numpy", "tqdm"]
+
+
 def main():
-    extension = make_extension()  # first: it sets CUDA_HOME for cpp_extension
+    (label, torch_pin), extension = make_extension()  # first: it sets CUDA_HOME
     from torch.utils.cpp_extension import BuildExtension
 
+    if BUILDING_SDIST:  # the source builds against any supported torch
+        label, torch_pin = None, "torch>=2.11"
     setup(
-        version=read_version(),
+        version=read_version() + (f"+{label}" if label else ""),
+        install_requires=[torch_pin, *DEPENDENCIES],
         packages=find_packages(include=["vqkernels", "vqkernels.*"]),
         ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -3,7 +3,8 @@
 Each ``bench_<family>.py`` sets ``OP`` (a key of ``vqkernels.bench.cases.OP_MODULES``)
 and asks for ``bench_case``; it is parametrized over case x backend with ids like
 ``timestep-N4096xD256-cuda``, the reference first in each case so that the others
-can report their speed-up against it. Options: ``--bench-device cpu|cuda``
+can report their speed-up against it; a backend the case could not run here is a
+skipped test that says why. Options: ``--bench-device cpu|cuda``
 (default cuda if available), ``--bench-quick`` (smallest shapes only).
 
     python -m pytest benchmarks                        # time everything
@@ -52,8 +53,15 @@ def pytest_generate_tests(metafunc):
                                    metafunc.config.getoption("--bench-quick"))
     marks = [pytest.mark.cuda] if device.type == "cuda" else []
     metafunc.parametrize("bench_case", [
-        pytest.param((case, backend), id=f"{case.label}-{backend}", marks=marks)
-        for case in cases for backend in case.fns])
+        pytest.param((case, backend), id=f"{case.label}-{backend}",
+                     marks=marks + _skip_marks(case, backend))
+        for case in cases for backend in [*case.fns, *case.skipped]])
+
+
+def _skip_marks(case: bench_cases.Case, backend: str) -> list:
+    """A skip that says why, for a backend the case could not run here."""
+    reason = case.skipped.get(backend)
+    return [pytest.mark.skip(reason=reason)] if reason else []
 
 
 @pytest.fixture(scope="session")
@@ -68,13 +76,14 @@ def bench_ceilings(bench_device) -> dict:
 
 
 @pytest.fixture(scope="session")
-def _reference_seconds() -> dict:
-    return {}  # case label -> median seconds of its reference run
+def _seconds() -> dict:
+    return {}  # case label -> {backend: median seconds}
 
 
 @pytest.fixture
-def measure(benchmark, bench_device, bench_ceilings, _reference_seconds):
-    """Time one (case, backend) with pytest-benchmark; record floors and speed-up in extra_info."""
+def measure(benchmark, bench_device, bench_ceilings, _seconds):
+    """Time one (case, backend) with pytest-benchmark; record floors and speed-ups (vs the
+    reference, and vs the case's other baselines timed before it) in extra_info."""
     def run(case: bench_cases.Case, backend: str) -> None:
         fn = case.fns[backend]
         peak = runner.peak_memory_bytes(fn, bench_device)
@@ -87,11 +96,14 @@ def measure(benchmark, bench_device, bench_ceilings, _reference_seconds):
         if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
             return
         seconds = benchmark.stats.stats.median
-        benchmark.extra_info.update(runner.judge(case, seconds, bench_ceilings))
-        if backend == bench_cases.REFERENCE:
-            _reference_seconds[case.label] = seconds
-        if case.label in _reference_seconds:
-            benchmark.extra_info["speedup"] = _reference_seconds[case.label] / seconds
+        benchmark.extra_info.update(runner.judge(case, seconds, bench_ceilings),
+                                    **runner.rate(case, seconds))
+        timed = _seconds.setdefault(case.label, {})
+        timed[backend] = seconds
+        if bench_cases.REFERENCE in timed:
+            benchmark.extra_info["speedup"] = timed[bench_cases.REFERENCE] / seconds
+        benchmark.extra_info["speedups"] = {name: timed[name] / seconds
+                                            for name in case.baselines if name in timed}
     return run
 
 

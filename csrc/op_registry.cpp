@@ -35,6 +35,16 @@ TORCH_LIBRARY(vqkernels, m) {
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "adaln_forward(Tensor x, Tensor shift, Tensor scale, Tensor? gate, Tensor? y, float eps) -> "
+      "(Tensor h, Tensor x_new, Tensor mean, Tensor rstd)");
+  m.def(
+      "adaln_backward(Tensor grad_h, Tensor? grad_x_new, Tensor x, Tensor scale, Tensor mean, "
+      "Tensor rstd) -> (Tensor grad_x, Tensor grad_shift, Tensor grad_scale)");
+  m.def("gated_residual_forward(Tensor x, Tensor gate, Tensor y) -> Tensor");
+  m.def(
+      "gated_residual_backward(Tensor grad, Tensor gate, Tensor y) -> "
+      "(Tensor grad_gate, Tensor grad_y)");
 }
 
 TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
@@ -46,6 +56,10 @@ TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("nearest_code", &vqkernels::nearest_code_cpu);
   m.impl("attention_forward", &vqkernels::attention_forward_cpu);
   m.impl("attention_backward", &vqkernels::attention_backward_cpu);
+  m.impl("adaln_forward", &vqkernels::adaln_forward_cpu);
+  m.impl("adaln_backward", &vqkernels::adaln_backward_cpu);
+  m.impl("gated_residual_forward", &vqkernels::gated_residual_forward_cpu);
+  m.impl("gated_residual_backward", &vqkernels::gated_residual_backward_cpu);
 }
 
 #ifdef VQKERNELS_WITH_CUDA
@@ -57,5 +71,9 @@ TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cuda);
   m.impl("nearest_code", &vqkernels::nearest_code_cuda);
   m.impl("attention_forward", &vqkernels::attention_forward_cuda);
+  m.impl("adaln_forward", &vqkernels::adaln_forward_cuda);
+  m.impl("adaln_backward", &vqkernels::adaln_backward_cuda);
+  m.impl("gated_residual_forward", &vqkernels::gated_residual_forward_cuda);
+  m.impl("gated_residual_backward", &vqkernels::gated_residual_backward_cuda);
 }
 #endif

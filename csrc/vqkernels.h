@@ -112,6 +112,47 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
 std::vector<int64_t> attention_head_dims_cuda();
 #endif
 
+// adaLN-Zero glue of a DiT block (see vqkernels/reference/adaln.py, per-element
+// math in csrc/common/adaln.h). x, y (B, T, D) and grads of that shape: any
+// strides with unit stride along D. shift, scale, gate: (B, D) per sample or
+// (B, T, D) per token (one form per call), unit stride along D. Float32 /
+// float16 / bfloat16 (and float64 on CPU), all of x's dtype; statistics and
+// sums in float32 (float64 for float64). Outputs are contiguous.
+// adaln_forward: x_new = x + gate * y rounded to x's dtype (gate, y given;
+// else x_new is an empty (0,) tensor and x is normalized),
+// h = (x_new - mean) * rstd * (1 + scale) + shift, with mean and rstd
+// = 1 / sqrt(var + eps) (B, T) over D (biased variance).
+// adaln_backward: from grad_h, the normalized tensor x (x_new of the fused
+// op), scale, mean and rstd: grad_x (+ grad_x_new when given), and
+// grad_shift, grad_scale of scale's shape (summed over T when per sample).
+// gated_residual_forward: x + gate * y. gated_residual_backward: from grad
+// (B, T, D): grad_gate = grad * y (summed over T when per sample) of gate's
+// shape, grad_y = gate * grad (B, T, D); grad_x is grad itself.
+#define VQK_ADALN_FORWARD_ARGS                                                          \
+  const at::Tensor &x, const at::Tensor &shift, const at::Tensor &scale,                \
+      const std::optional<at::Tensor> &gate, const std::optional<at::Tensor> &y, double eps
+#define VQK_ADALN_BACKWARD_ARGS                                                         \
+  const at::Tensor &grad_h, const std::optional<at::Tensor> &grad_x_new, const at::Tensor &x, \
+      const at::Tensor &scale, const at::Tensor &mean, const at::Tensor &rstd
+using AdalnForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using AdalnBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+AdalnForward adaln_forward_cpu(VQK_ADALN_FORWARD_ARGS);
+AdalnBackward adaln_backward_cpu(VQK_ADALN_BACKWARD_ARGS);
+at::Tensor gated_residual_forward_cpu(const at::Tensor& x, const at::Tensor& gate,
+                                      const at::Tensor& y);
+std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor& grad,
+                                                               const at::Tensor& gate,
+                                                               const at::Tensor& y);
+#ifdef VQKERNELS_WITH_CUDA
+AdalnForward adaln_forward_cuda(VQK_ADALN_FORWARD_ARGS);
+AdalnBackward adaln_backward_cuda(VQK_ADALN_BACKWARD_ARGS);
+at::Tensor gated_residual_forward_cuda(const at::Tensor& x, const at::Tensor& gate,
+                                       const at::Tensor& y);
+std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cuda(const at::Tensor& grad,
+                                                                const at::Tensor& gate,
+                                                                const at::Tensor& y);
+#endif
+
 // Build facts, for vqkernels.info().
 bool built_with_cuda();
 bool built_with_openmp();

@@ -6,10 +6,13 @@
 
 #include "build_config.h"
 
-// The torch this file was built against, findable in its bytes by vqkernels._ext
-// when the module cannot load (the usual cause: another torch installed since).
+// The torch this file was built against and the CUDA of its kernels ("" without),
+// read from its bytes by vqkernels._ext before importing it: an extension built for
+// another torch minor or CUDA major is not imported at all.
 extern "C" __attribute__((used)) const char vqkernels_built_for_torch[] =
     "vqkernels-built-for-torch=" VQKERNELS_TORCH_VERSION;
+extern "C" __attribute__((used)) const char vqkernels_built_with_cuda[] =
+    "vqkernels-built-with-cuda=" VQKERNELS_CUDA_VERSION;
 
 namespace {
 

@@ -5,6 +5,7 @@ collection start. On a machine with a GPU the interpreter stays off, the
 `interpreter` tests skip, and the `cuda` tests run the same checks on device.
 """
 import os
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,29 @@ if not HAS_GPU:
 import pytest  # noqa: E402
 
 from helpers import INTERPRETER  # noqa: E402  (reads TRITON_INTERPRET, set just above)
+
+
+SOURCE_TREE = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config):
+    import vqkernels
+    from vqkernels._info import versions
+
+    return f"vqkernels {versions()['vqkernels']} from {Path(vqkernels.__file__).parent}"
+
+
+def pytest_sessionstart(session):
+    """With VQKERNELS_EXPECT_INSTALLED=1 (CI's wheel run) the suite must test the installed
+    package: stop if vqkernels was imported from this source tree instead."""
+    import vqkernels
+
+    location = Path(vqkernels.__file__).resolve()
+    if (os.environ.get("VQKERNELS_EXPECT_INSTALLED") == "1"
+            and location.parent == SOURCE_TREE / "vqkernels"):
+        pytest.exit(f"VQKERNELS_EXPECT_INSTALLED=1, but vqkernels was imported from the source "
+                    f"tree ({location}): run `python -P -m pytest` (no cwd on sys.path)",
+                    returncode=3)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,11 +4,28 @@ Import as ``from helpers import ...``: pytest puts tests/ on sys.path. conftest.
 sets TRITON_INTERPRET before any test module (or this one) is imported.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import vqkernels
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+TESTS_DIR = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(vqkernels.__file__).resolve().parent.parent
+
+
+def run_python(*args: str, cwd=TESTS_DIR, env=None, timeout: float = 600):
+    """``python ARGS`` in a subprocess on the vqkernels this suite imported (the installed wheel
+    under CI, not the source tree a working directory at the repository root would put first
+    on sys.path): its package root leads PYTHONPATH, the working directory is not the root."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def kernel_backends():

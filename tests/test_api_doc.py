@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 API = Path(__file__).resolve().parent.parent / "docs" / "API.md"
-MODULES = ["vqkernels", "vqkernels.ops", "vqkernels.nn", "vqkernels.sampling", "vqkernels.models"]
+MODULES = ["vqkernels", "vqkernels.ops", "vqkernels.nn", "vqkernels.sampling", "vqkernels.models",
+           "vqkernels.demo"]
 HEADING = re.compile(r"^### (.+)$", re.MULTILINE)
 
 

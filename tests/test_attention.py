@@ -1,8 +1,6 @@
 """Fused attention (ops.attention, nn.Attention): every backend against the explicit-softmax
 reference in float64 and against torch's SDPA, forward and q/k/v gradients, odd and
 cross-attention shapes, extreme logits, strided inputs, bounded CPU memory, torch.library."""
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 from vqkernels import nn as vqnn
 from vqkernels import ops
 from vqkernels.reference import attention as reference
-from helpers import kernel_backends
+from helpers import kernel_backends, run_python
 from vqkernels.testing import assert_within_contract, attention_magnitudes
 
 OP = "attention"
@@ -199,8 +197,8 @@ MEMORY_PROBE = textwrap.dedent("""
 
 def test_cpu_memory_is_not_quadratic():
     """S = 8192, one head, d = 72, forward + backward: far below the 256 MiB of one S x S fp32."""
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True,
-                            check=True)
+    result = run_python("-c", MEMORY_PROBE)
+    assert result.returncode == 0, result.stderr
     grown_mib = float(result.stdout.split()[-1])
     assert grown_mib < 32, f"peak RSS grew by {grown_mib:.1f} MiB (an S x S fp32 buffer is 256 MiB)"
 

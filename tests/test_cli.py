@@ -2,31 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_python
 
-import vqkernels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-META_KEYS = {"device", "versions", "extension", "date", "host", "ceilings", "rows"}
+META_KEYS = {"device", "versions", "extension", "date", "host", "ceilings", "rows", "skipped"}
 ROW_KEYS = {"op", "shape", "backend", "time_us", "speedup", "bytes", "flops", "achieved",
             "achieved_unit", "floor_us", "ceiling_pct", "x_from_floor", "peak_mib",
             "working_set", "flop_dtype", "memory_level", "ceiling_problem",
-            "measured_ceiling_pct", "measured_ceiling_problem"}
+            "measured_ceiling_pct", "measured_ceiling_problem", "speedups"}
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the CLI on the same vqkernels this test imported."""
-    env = dict(os.environ)
-    package_root = str(Path(vqkernels.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "vqkernels", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_python("-m", "vqkernels", *args, cwd=cwd, timeout=timeout)
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -39,7 +33,7 @@ def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def quick_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     result = _ok(_cli("bench", "--quick", "--device", "cpu", "--json", str(out / "bench.json"),
-                      "--plot", str(out / "bench.png"), cwd=out))
+                      "--plot", str(out / "bench.png"), cwd=out, timeout=400))
     return result, out
 
 
@@ -55,7 +49,8 @@ def test_info_json(tmp_path):
 
 
 PUBLIC_OPS = ("timestep_embedding", "nearest_code", "vector_quantize", "nearest_code_with_stats",
-              "code_counts_and_sums", "ema_update_", "attention", "ddim_step")
+              "code_counts_and_sums", "ema_update_", "attention", "ddim_step",
+              "layer_norm_modulate", "gated_residual", "gated_residual_layer_norm_modulate")
 
 
 def test_info_shows_every_public_op_and_its_gpu_status(tmp_path):
@@ -100,6 +95,21 @@ def test_bench_table_has_timestep_rows(quick_bench):
     for backend in ("reference", "cpu"):
         assert any(line.split()[:3] == ["timestep", "N256xD256", backend]
                    for line in stdout.splitlines()), f"no timestep {backend} row in:\n{stdout}"
+
+
+def test_bench_times_each_adaln_backend_or_says_why_not(quick_bench):
+    stdout = quick_bench[0].stdout
+    data = json.loads((quick_bench[1] / "bench.json").read_text())
+    timed = {(row["shape"], row["backend"]) for row in data["rows"] if row["op"] == "adaln"}
+    skipped = {(s["shape"], s["backend"]) for s in data["skipped"] if s["op"] == "adaln"}
+    shapes = {shape for shape, _ in timed}
+    assert len(shapes) == 7 and all((shape, "reference") in timed for shape in shapes), timed
+    for shape in shapes:  # ours is timed, or the table says why not
+        ours = "vqkernels" if shape.startswith("block-") else "cpu"
+        assert ((shape, ours) in timed) != ((shape, ours) in skipped), (shape, stdout)
+        if ours == "cpu":
+            assert (shape, "compiled") in skipped, "--quick must leave torch.compile out"
+    assert "skipped: adaln compiled at " in stdout, stdout
 
 
 def test_bench_json(quick_bench):

@@ -1,7 +1,5 @@
 """EMA codebook update and its statistics through vqkernels.ops, every backend."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -10,7 +8,7 @@ import torch
 import vqkernels
 from vqkernels import ops
 from vqkernels.reference import ema as reference
-from helpers import kernel_backends
+from helpers import kernel_backends, run_python
 from vqkernels.testing import assert_code_stats, assert_within_contract
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference")] + kernel_backends()
@@ -150,8 +148,8 @@ def test_cpu_kernel_is_bitwise_the_same_on_every_instruction_set(tmp_path, gener
         if isa != "native":
             env["ATEN_CPU_CAPABILITY"] = isa
         path = tmp_path / f"{isa}.pt"
-        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "batches.pt"), str(path)],
-                             env=env, capture_output=True, text=True, timeout=300)
+        run = run_python("-c", code, str(tmp_path / "batches.pt"), str(path), env=env,
+                         timeout=300)
         assert run.returncode == 0, run.stderr
         results[isa] = torch.load(path)
     for isa in ("avx2", "default"):

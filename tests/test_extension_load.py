@@ -1,13 +1,12 @@
 """When vqkernels._C cannot load, the package still imports, warns once saying why and what to
 do (naming the torch it was built for and the one installed), and the C++ backends say so."""
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from vqkernels import _ext
+from helpers import run_python
 
 
 def test_message_names_both_torch_versions_on_a_mismatch():
@@ -43,9 +42,54 @@ def test_a_failed_load_warns_once_and_falls_back():
         print(len(messages), out.shape[1])
         print(messages[0] if messages else "")
     """)
-    run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
-                         timeout=120)
+    run = run_python("-c", blocked, timeout=120)
     assert run.returncode == 0, run.stderr
     counts, message = run.stdout.splitlines()[:2]
     assert counts.split() == ["1", "8"]
     assert "did not load (ImportError: undefined symbol: simulated)" in message
+
+
+@pytest.mark.parametrize("built_for, built_cuda, installed, installed_cuda, reason", [
+    ("2.14.1+cu130", "13.0", "2.14.1+cu130", "13.0", None),
+    ("2.14.1+cu130", "13.0", "2.14.0+cu130", "13.0", None),  # another patch release of the minor
+    ("2.14.1+cu130", "", "2.14.1+cpu", None, None),  # C++ CPU kernels only
+    ("2.14.1+cu130", "13.0", "2.13.0+cu130", "13.0", "built for torch 2.14.*, and torch 2.13.0"),
+    ("2.14.1+cu130", "13.0", "2.14.1+cpu", None, "torch 2.14.1+cpu has no CUDA"),
+    ("2.14.1+cu130", "13.0", "2.14.1+cu126", "12.6", "built for CUDA 13.0, and torch 2.14.1+cu126"),
+    (None, None, "2.14.1", None, None),  # no extension: the import says why
+])
+def test_an_incompatible_extension_is_not_imported(built_for, built_cuda, installed,
+                                                   installed_cuda, reason):
+    found = _ext.incompatibility(built_for, built_cuda, installed, installed_cuda)
+    assert found is None if reason is None else reason in found, found
+
+
+@pytest.mark.skipif(_ext._C is None, reason="needs the built extension")
+def test_under_another_torch_minor_the_extension_stays_out():
+    """The extension is not imported under another torch minor (faked): one warning naming both
+    torch versions, info() says why, the reference backend runs and the C++ one says why not."""
+    script = textwrap.dedent("""
+        import sys, warnings
+        import torch
+        torch.__version__ = "2.99.0+cpu"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import vqkernels
+            from vqkernels import ops
+        messages = [str(w.message) for w in caught if "vqkernels._C" in str(w.message)]
+        assert len(messages) == 1, messages
+        print(messages[0])
+        assert "vqkernels._C" not in sys.modules
+        print(vqkernels.info(print_it=False)["extension"]["error"])
+        print(ops.timestep_embedding(torch.arange(3), 8, backend="reference").shape[1])
+        try:
+            ops.timestep_embedding(torch.arange(3), 8, backend="cpu")
+        except vqkernels.BackendUnavailableError as error:
+            print("unavailable:", error)
+    """)
+    run = run_python("-c", script, timeout=120)
+    assert run.returncode == 0, run.stderr
+    warning, error, width, unavailable = run.stdout.splitlines()[:4]
+    assert f"built for torch {torch.__version__}, and torch 2.99.0+cpu is installed" in warning
+    assert "not imported: built for torch" in error and width == "8"
+    assert unavailable.startswith("unavailable:") and "not imported" in unavailable

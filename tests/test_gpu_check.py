@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 import vqkernels
 from vqkernels.bench import evidence, placeholders, report, summary, targets
+from helpers import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "gpu_check"
@@ -81,12 +81,11 @@ def test_script_without_gpu_leaves_five_files_and_marks_gpu_steps_not_run(tmp_pa
 def test_default_sanitizer_selection_covers_every_kernel_family():
     script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     expression = re.search(r'^SANITIZER_K="\$\{SANITIZER_K:-(.*)\}"$', script, re.M).group(1)
-    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda",
-                             "-p", "no:cacheprovider", "-k", expression], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = run_python("-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p",
+                        "no:cacheprovider", "-k", expression, str(ROOT / "tests"), timeout=120)
     ids = [line for line in result.stdout.splitlines() if "::" in line]
     covered = {(t.family, t.backend) for t in (evidence.classify(i, "passed") for i in ids)}
-    wanted = {(family, backend) for family in ("timestep", "search", "ema", "ddim", "attention")
+    wanted = {(family, backend) for family in ("timestep", "search", "ema", "ddim", "attention", "adaln")
               for backend in ("cuda", "triton")}
     assert wanted <= covered, f"not under memcheck: {sorted(wanted - covered)}\n{result.stdout}"
     assert len(ids) <= 60, f"{len(ids)} tests: the memcheck step has 90 s, keep its subset focused"
@@ -243,5 +242,6 @@ def test_test_modules_map_to_their_op_family():
     expected = {"test_search_kernels": "search", "test_search_kernel_limits": "search",
                 "test_reference_search": "search", "test_reference_ema": "ema",
                 "test_reference_attention": "attention", "test_vector_quantize": "quantizer",
-                "test_ddim": "ddim", "test_layouts": "other"}
+                "test_ddim": "ddim", "test_reference_adaln": "adaln", "test_dit_block": "adaln",
+                "test_layouts": "other"}
     assert {m: family_of_module(m) for m in expected} == expected

@@ -24,8 +24,8 @@ from vqkernels.reference import attention as ref_attention
 from vqkernels.reference import ddim as ref_ddim
 from vqkernels.reference import ema as ref_ema
 from vqkernels.reference import timestep as ref_timestep
-from vqkernels.testing import (assert_code_stats, assert_nearest, assert_within_contract,
-                               attention_magnitudes, max_abs)
+from vqkernels.testing import (ADALN_OPS, adaln_magnitudes, assert_code_stats, assert_nearest,
+                               assert_within_contract, attention_magnitudes, max_abs)
 
 EXAMPLES = int(os.environ.get("VQKERNELS_LAYOUT_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
@@ -262,6 +262,41 @@ def test_attention(data):
         for name, *g in zip("qkv", leaves, dense, truth_in):
             assert_within_contract("attention", dtype, *(x.grad for x in g), kind="gradient",
                                    magnitude=terms[f"d{name}"], what=f"{backend} d{name}")
+
+
+@SETTINGS
+@given(data=st.data())
+def test_adaln(data):
+    backend, dtype = data.draw(st.sampled_from(cases(reference=ALL_DTYPES, cpu=ALL_DTYPES,
+                                                     triton=GPU_DTYPES)), label="backend, dtype")
+    op = data.draw(st.sampled_from(sorted(ADALN_OPS)), label="op")
+    s = sizes(data, b=(0, 2), t=(0, 4), d=(1, 9))
+    param_shape = ((s["b"], s["t"], s["d"]) if data.draw(st.booleans(), label="per token")
+                   else (s["b"], s["d"]))
+    names, out_names = ADALN_OPS[op]
+    inputs = {name: draw_tensor(data, name, (s["b"], s["t"], s["d"]) if name in "xy"
+                                else param_shape, dtype) for name in names}
+    leaves = {name: v.detach().requires_grad_() for name, v in inputs.items()}
+    fn = getattr(ops, op)
+    out = watched(backend, lambda: fn(*leaves.values(), backend=backend), leaves,
+                  unit_inner_stride)
+    dense = {name: v.detach().contiguous().requires_grad_() for name, v in inputs.items()}
+    truth_in = {name: v.detach().double().requires_grad_() for name, v in dense.items()}
+    results = [o if isinstance(o, tuple) else (o,)
+               for o in (out, fn(*dense.values(), backend="reference"),
+                         fn(*truth_in.values(), backend="reference"))]
+    upstream = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+                for o in results[0]]
+    terms = adaln_magnitudes(**dense, **{"grad_" + n: u for n, u in zip(out_names, upstream)})
+    for name, got, same, truth in zip(out_names, *results):
+        assert_within_contract("adaln", dtype, got, same, truth, magnitude=terms[name],
+                               what=f"{op} {backend} {name}")
+    for outputs in results:
+        torch.autograd.backward(outputs, [u.to(o.dtype) for u, o in zip(upstream, outputs)])
+    for name in names:
+        assert_within_contract("adaln", dtype, leaves[name].grad, dense[name].grad,
+                               truth_in[name].grad, kind="gradient", magnitude=terms[name],
+                               what=f"{op} {backend} d{name}")
 
 
 DDIM_CASES = cases(reference=ALL_DTYPES, cpu=GPU_DTYPES, triton=GPU_DTYPES)

@@ -164,6 +164,23 @@ def test_timestep_embedding_of_non_finite_t(backend):
     assert out[:3, :4].isnan().all() and (out[:, 4] == 0).all() and out[3].isfinite().all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+def test_adaln_non_finite_rows_and_columns(backend, bad):
+    x, y = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    gate, shift, scale = torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 6)
+    y[1, 2, 4] = bad
+    x_new, h = ops.gated_residual_layer_norm_modulate(x, gate, y, shift, scale, backend=backend)
+    nonfinite = torch.zeros(2, 3, 6, dtype=torch.bool)
+    nonfinite[1, 2, 4] = True
+    assert torch.equal(~x_new.isfinite(), nonfinite)
+    assert torch.equal(h.isnan(), nonfinite.any(-1, keepdim=True).expand(2, 3, 6))
+    assert torch.equal(~ops.gated_residual(x, gate, y, backend=backend).isfinite(), nonfinite)
+    shift[0, 1] = NAN
+    h = ops.layer_norm_modulate(x, shift, scale, backend=backend)
+    assert h[0, :, 1].isnan().all() and h.isnan().sum() == 3
+
+
 def step(backend, model_output, sample, **kw):
     return ops.ddim_step(model_output, 500, sample, TABLE, num_inference_steps=10,
                          backend=backend, **kw)

@@ -48,6 +48,13 @@ def test_quantized_output_is_the_codes(generator):
     torch.testing.assert_close(z_q, codes)  # z + sg(zq - z): the codes up to one rounding
 
 
+def test_cosine_codebook_entries_are_the_unit_codes_forward_returns(generator):
+    vq = VectorQuantizer(17, 4, metric="cosine")
+    vq.embedding.weight.data.copy_(3 * torch.randn(17, 4, generator=generator))
+    z_q, _, (_, _, indices) = vq(torch.randn(2, 4, 3, 3, generator=generator))
+    torch.testing.assert_close(vq.get_codebook_entry(indices, (2, 3, 3, 4)), z_q)
+
+
 @pytest.mark.parametrize("unknown_index", ["random", "extra", 3])
 def test_remap_matches_twin(unknown_index, tmp_path, generator):
     used = np.array([0, 4, 5, 9, 11, 20], dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Reference attention and adaLN blocks vs hand-computed answers and independent checks."""
+"""Reference attention vs hand-computed answers and independent checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close
-from vqkernels.reference import adaln
 from vqkernels.reference import attention as attn
 
 F64 = torch.float64
@@ -110,56 +109,3 @@ def test_empty_query_returns_empty():
     q, k, v = torch.empty(2, 3, 0, 8), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 6)
     out, lse = attn.attention_lse(q, k, v)
     assert out.shape == (2, 3, 0, 6) and lse.shape == (2, 3, 0)
-
-
-# ---------------------------------------------------------------------- adaLN
-
-
-def test_modulate_hand_case():
-    eps = 1e-6
-    x = torch.tensor([[[1.0, 3.0], [5.0, 5.0]], [[-2.0, 0.0], [10.0, 4.0]]], dtype=F64)
-    shift = torch.tensor([[0.5, -1.0], [0.0, 2.0]], dtype=F64)
-    scale = torch.tensor([[1.0, 0.0], [-0.5, 3.0]], dtype=F64)
-    out = adaln.modulate(x, shift, scale, eps=eps)
-    a = 1 / math.sqrt(1 + eps)  # [1, 3] -> [-a, a]; [10, 4] has var 9: [3, -3] / sqrt(9 + eps)
-    b = 3 / math.sqrt(9 + eps)
-    expected = [
-        [[-a * 2 + 0.5, a * 1 - 1.0], [0.5, -1.0]],  # constant row normalizes to 0
-        [[-a * 0.5, a * 4 + 2.0], [b * 0.5, -b * 4 + 2.0]],
-    ]
-    assert_close(out, expected, "modulate")
-
-
-@pytest.mark.parametrize("b, n, c", [(2, 7, 72), (3, 1, 1152), (1, 5, 3)])
-def test_modulate_matches_layer_norm(b, n, c, generator):
-    x = _randn(b, n, c, generator=generator) * 3 + 1
-    shift, scale = _randn(b, c, generator=generator), _randn(b, c, generator=generator)
-    expected = F.layer_norm(x, (c,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-    assert_close(adaln.modulate(x, shift, scale), expected, "modulate vs F.layer_norm", atol=1e-10)
-
-
-@pytest.mark.parametrize(
-    "dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2), (torch.float32, 1e-5)]
-)
-def test_modulate_low_precision(dtype, tol, generator):
-    x = _randn(2, 5, 24, generator=generator).to(dtype)
-    shift, scale = (_randn(2, 24, generator=generator).to(dtype) for _ in range(2))
-    out = adaln.modulate(x, shift, scale)
-    assert out.dtype == dtype
-    ref = adaln.modulate(x.double(), shift.double(), scale.double())
-    assert_close(out.double(), ref, "modulate vs float64", atol=tol, rtol=tol)
-
-
-def test_gated_residual_hand_case():
-    x = torch.ones(2, 2, 3, dtype=F64)
-    gate = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]], dtype=F64)
-    y = torch.arange(12, dtype=F64).reshape(2, 2, 3)
-    expected = [[[1.0, 1.0, -1.0], [7.0, 1.0, -4.0]], [[4.0, 4.5, 5.0], [5.5, 6.0, 6.5]]]
-    assert_close(adaln.gated_residual(x, gate, y), expected, "gated_residual")
-
-
-def test_gated_residual_zero_gate_is_identity_and_keeps_dtype(generator):
-    x = _randn(2, 4, 8, generator=generator).to(torch.bfloat16)
-    y = _randn(2, 4, 8, generator=generator, dtype=torch.float32)
-    out = adaln.gated_residual(x, torch.zeros(2, 8), y)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, x)

@@ -4,14 +4,13 @@ GPU, the CPU's other SIMD builds, bounded CPU memory, and every Triton autotunin
 config (tests/test_search_kernels.py holds every backend to the shared contract).
 """
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import triton
 
+from helpers import run_python
 from search_tools import (TRITON_DIST_ATOL, TRITON_DIST_RTOL, check_near_optimal, random_problem,
                           run_kernel, separated_problem)
 from vqkernels.reference import search as reference
@@ -95,9 +94,9 @@ def test_triton_64bit_offsets():
                                    atol=TRITON_DIST_ATOL)
 
 
-def run_python(code, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def run_code(code, env=None, timeout=600):
+    return run_python("-c", textwrap.dedent(code), env={**os.environ, **(env or {})},
+                      timeout=timeout)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -119,7 +118,7 @@ def test_other_cpu_isas(isa):
                 assert torch.equal(t.run_kernel("cpu", z, e)[0], own)
         print("ok")
     """
-    out = run_python(code, env={"ATEN_CPU_CAPABILITY": isa})
+    out = run_code(code, env={"ATEN_CPU_CAPABILITY": isa})
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
 
 
@@ -138,7 +137,7 @@ def test_memory_is_not_n_by_k():
         assert indices.shape == (65536,) and distances.isfinite().all()
         print((after - before) / 1024)
     """
-    out = run_python(code)
+    out = run_code(code)
     assert out.returncode == 0, out.stdout + out.stderr
     growth_mib = float(out.stdout.split()[-1])
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.1f} MiB"

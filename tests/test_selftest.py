@@ -29,6 +29,10 @@ WHATS = {
     "ema_update_": {"cluster_size", "embed_sum", "codebook"},
     "attention": {"out", "grad q", "grad k", "grad v"},
     "ddim_step": {"prev_sample", "pred_original_sample"},
+    "layer_norm_modulate": {"h", "grad x", "grad shift", "grad scale"},
+    "gated_residual": {"x_new", "grad x", "grad gate", "grad y"},
+    "gated_residual_layer_norm_modulate": {"x_new", "h", "grad x", "grad gate", "grad y",
+                                           "grad shift", "grad scale"},
 }
 
 

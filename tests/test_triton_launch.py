@@ -67,12 +67,20 @@ def _ddim():
                   num_inference_steps=10, eta=1.0, thresholding=True, backend="triton")
 
 
+def _adaln():
+    x, p = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    x_new, h = ops.gated_residual_layer_norm_modulate(x, p, x, p, p, backend="triton")
+    h = ops.layer_norm_modulate(h, p, p, backend="triton")
+    ops.gated_residual(x_new, p, h, backend="triton").sum().backward()
+
+
 LAUNCHERS = {
     "timestep": lambda: ops.timestep_embedding(torch.arange(3.0), 8, backend="triton"),
     "search": _search,
     "ema": _ema,
     "attention": _attention,
     "ddim": _ddim,
+    "adaln": _adaln,
 }
 
 

@@ -20,7 +20,7 @@ COMPILE_ALL = textwrap.dedent(r'''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqkernels.triton import attention, ddim, ema, search, timestep
+    from vqkernels.triton import adaln, attention, ddim, ema, search, timestep
 
     TARGET = GPUTarget("cuda", 90, 32)
     done = 0
@@ -134,6 +134,31 @@ COMPILE_ALL = textwrap.dedent(r'''
                 shared = compiled.metadata.shared
                 print(f"attention {name} {ptr[1:]} d={d}: {shared} bytes of shared memory")
                 assert shared <= 227 * 1024, (name, ptr, d, shared)
+    # adaLN: each kernel in bf16 and fp32, a register-resident DiT row and the looped one.
+    for ptr in ("*bf16", "*fp32"):
+        strides = lambda *names: {f"{n}_s{a}": "i32" for n in names for a in "bt"}
+        for block, one_tile in ((2048, True), (adaln.MAX_TILE, False)):
+            warps = adaln._warps(block)
+            for residual in (False, True):
+                build(adaln._adaln_forward_kernel,
+                      dict(x_ptr=ptr, y_ptr=ptr, gate_ptr=ptr, shift_ptr=ptr, scale_ptr=ptr,
+                           h_ptr=ptr, x_new_ptr=ptr, mean_ptr="*fp32", rstd_ptr="*fp32"),
+                      dict(strides("x", "y", "gate", "shift", "scale"), T="i32", D="i32",
+                           eps="fp32"),
+                      dict(HAS_RESIDUAL=residual, BLOCK_D=block, ONE_TILE=one_tile), warps)
+                build(adaln._adaln_backward_kernel,
+                      dict(grad_h_ptr=ptr, grad_x_new_ptr=ptr, x_ptr=ptr, scale_ptr=ptr,
+                           mean_ptr="*fp32", rstd_ptr="*fp32", grad_x_ptr=ptr,
+                           shift_partial_ptr="*fp32", scale_partial_ptr="*fp32"),
+                      dict(strides("gh", "gxn", "x", "scale"), T="i32", D="i32", chunks="i32"),
+                      dict(ROWS=64 if one_tile else 1, HAS_GRAD_X_NEW=residual, BLOCK_D=block,
+                           ONE_TILE=one_tile), warps)
+        build(adaln._gated_residual_kernel, dict(x_ptr=ptr, gate_ptr=ptr, y_ptr=ptr, out_ptr=ptr),
+              dict(strides("x", "gate", "y"), T="i32", D="i32"), dict(BLOCK_D=1024))
+        build(adaln._gated_residual_backward_kernel,
+              dict(grad_ptr=ptr, gate_ptr=ptr, y_ptr=ptr, grad_y_ptr=ptr, gate_partial_ptr="*fp32"),
+              dict(strides("grad", "gate", "y"), T="i32", D="i32", chunks="i32"),
+              dict(ROWS=64, BLOCK_D=1024))
     print(f"compiled {done} kernels")
 ''')
 

@@ -1,9 +1,12 @@
-"""``python -m vqkernels info | selftest | bench``: what was built, is it right, how fast is it.
+"""``python -m vqkernels info | selftest | bench | demo``: what was built, is it right, how fast.
 
     python -m vqkernels info [--json]
     python -m vqkernels selftest [--device cpu|cuda] [--ops OP ...] [--json PATH]
     python -m vqkernels bench [--ops timestep ...] [--device cpu|cuda] [--quick]
                               [--json PATH] [--plot PATH]
+    python -m vqkernels demo [--device cpu|cuda] [--out DIR] [--quick] [--seed N]
+                             [--backend auto|reference|cpu|cuda|triton] [--threads N]
+                             [--no-progress]
 """
 from __future__ import annotations
 
@@ -35,7 +38,29 @@ def _parser() -> argparse.ArgumentParser:
                        help="smallest shapes and short timing budgets (a smoke run)")
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of speed-ups here")
+    _add_demo(commands)
     return parser
+
+
+def _add_demo(commands) -> None:
+    parser = commands.add_parser(
+        "demo", help="train a VQ tokenizer and a latent DiT on scikit-learn's digits, sample, "
+                     "judge; exits 1 if a threshold is missed")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to run on (default: cuda if available, else cpu)")
+    parser.add_argument("--out", metavar="DIR", default="vqkernels-demo",
+                        help="where metrics.json and the PNG grids go (default: vqkernels-demo)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps and samples, lower thresholds (a CI smoke run)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
+    parser.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda", "triton"),
+                        default=None, help="backend of every vqkernels op "
+                                           "(default: $VQKERNELS_BACKEND, else auto)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads for the run (default: torch's; on a machine "
+                             "busy with other jobs 1 avoids OpenMP waits)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 def _add_selftest(commands) -> None:
@@ -72,7 +97,7 @@ def _bench(args) -> int:
     ceilings = runner.device_ceilings(device)
     cases = load_cases(list(dict.fromkeys(args.ops)), device, args.quick)
     rows = runner.run(cases, device, ceilings, args.quick)
-    meta = report.metadata(ceilings, args.quick)
+    meta = report.metadata(ceilings, args.quick, report.skipped_backends(cases))
     print(report.format_table(rows, meta))
     if args.json:
         report.write_json(args.json, rows, meta)
@@ -85,14 +110,33 @@ def _bench(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from vqkernels.demo import run_demo
+    from vqkernels.demo.data import MissingExtraError
+    from vqkernels.demo.report import format_checks
+
+    try:
+        results = run_demo(args.out, device=args.device, quick=args.quick, seed=args.seed,
+                           backend=args.backend, threads=args.threads,
+                           progress=not args.no_progress)
+    except MissingExtraError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_checks(results))
+    verdict = "passed" if results["passed"] else "FAILED"
+    print(f"{verdict} in {results['timings']['total_s']:.1f} s; "
+          f"wrote {', '.join(results['files'])} in {args.out}")
+    return 0 if results["passed"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if (args.command in ("bench", "selftest") and args.device == "cuda"
+    if (args.command in ("bench", "selftest", "demo") and args.device == "cuda"
             and not torch.cuda.is_available()):
         parser.exit(2, "error: --device cuda: no CUDA GPU is available here "
                        "(torch.cuda.is_available() is False); use --device cpu\n")
-    commands = {"info": _info, "selftest": _selftest, "bench": _bench}
+    commands = {"info": _info, "selftest": _selftest, "bench": _bench, "demo": _demo}
     return commands[args.command](args)
 
 

@@ -1,30 +1,60 @@
 """Loads the compiled extension vqkernels._C, remembering why when it cannot.
 
 Importing it registers the C++ ops as torch.ops.vqkernels.*. The package works
-without it: the reference and Triton backends need no compiled code.
+without it: the reference and Triton backends need no compiled code. An
+extension built for another torch minor (or with CUDA kernels, for a torch
+without CUDA or of another CUDA major) is not even imported: torch's C++ ABI
+is only stable within a minor, so such an import may crash rather than fail.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import mmap
 import re
 import warnings
 
 import torch
 
-BUILT_FOR_MARKER = re.compile(rb"vqkernels-built-for-torch=([^\x00]+)\x00")
+BUILD_MARKER = re.compile(rb"vqkernels-built-(for-torch|with-cuda)=([^\x00]*)\x00")
+
+
+def build_markers() -> dict[str, str]:
+    """{"for-torch": the torch the extension file was built against, "with-cuda": the CUDA
+    of its kernels ("" without)}, read from the file's bytes, so without importing it;
+    {} when there is no built extension."""
+    try:
+        spec = importlib.util.find_spec("vqkernels._C")
+        with open(spec.origin, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return {key.decode(): value.decode() for key, value in BUILD_MARKER.findall(m)}
+    except (ImportError, OSError, ValueError, AttributeError, TypeError):  # no spec or no file
+        return {}
 
 
 def built_for_torch() -> str | None:
-    """The torch version the extension file was built against, read from its bytes (so it
-    works when the module cannot load); None when there is no built extension."""
-    try:
-        spec = importlib.util.find_spec("vqkernels._C")
-        with open(spec.origin, "rb") as f:
-            found = BUILT_FOR_MARKER.search(f.read())
-    except (ImportError, OSError, AttributeError, TypeError):  # no spec, or no file behind it
+    """The torch version the extension file was built against (None: no built extension)."""
+    return build_markers().get("for-torch")
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def incompatibility(built_for: str | None, built_cuda: str | None, installed: str,
+                    installed_cuda: str | None) -> str | None:
+    """Why an extension built for torch ``built_for`` with kernels for CUDA ``built_cuda``
+    ("" or None: no CUDA kernels) must not be imported under torch ``installed``, whose
+    CUDA is ``installed_cuda`` (None for a CPU build); None when it may."""
+    if built_for is None:
         return None
-    return found.group(1).decode() if found else None
+    if _minor(built_for) != _minor(installed):
+        return f"built for torch {_minor(built_for)}.*, and torch {installed} is installed"
+    if built_cuda and installed_cuda is None:
+        return f"its CUDA kernels need a CUDA build of torch, and torch {installed} has no CUDA"
+    if built_cuda and built_cuda.split(".")[0] != installed_cuda.split(".")[0]:
+        return (f"its kernels are built for CUDA {built_cuda}, and torch {installed} for "
+                f"CUDA {installed_cuda}")
+    return None
 
 
 def load_failure_message(error: str, built_for: str | None, installed: str) -> str:
@@ -35,17 +65,27 @@ def load_failure_message(error: str, built_for: str | None, installed: str) -> s
         return message + " No built extension was found: pip install --no-build-isolation ."
     if built_for != installed:
         return (message + f" It was built for torch {built_for}, and torch {installed} is "
-                f"installed: rebuild it (pip install --no-build-isolation .) or install torch "
-                f"{built_for}.")
+                f"installed: install the vqkernels wheel built for your torch, rebuild from "
+                f"source (pip install --no-build-isolation .) or install torch {built_for}.")
     return message + f" It was built for this torch ({installed})."
 
 
-try:
-    from vqkernels import _C
-    LOAD_ERROR: str | None = None
-except ImportError as error:  # not built, or built against another torch
-    _C = None
-    LOAD_ERROR = f"{type(error).__name__}: {error}"
+def _load():
+    """(the extension module or None, why it is not loaded or None)."""
+    markers = build_markers()
+    reason = incompatibility(markers.get("for-torch"), markers.get("with-cuda"),
+                             torch.__version__, torch.version.cuda)
+    if reason is not None:
+        return None, f"not imported: {reason}"
+    try:
+        from vqkernels import _C as module
+    except ImportError as error:  # not built, or a build that does not link against this torch
+        return None, f"{type(error).__name__}: {error}"
+    return module, None
+
+
+_C, LOAD_ERROR = _load()
+if LOAD_ERROR is not None:
     warnings.warn(load_failure_message(LOAD_ERROR, built_for_torch(), torch.__version__),
                   RuntimeWarning, stacklevel=2)
 

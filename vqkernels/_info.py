@@ -1,6 +1,7 @@
 """``vqkernels.info()``: what was built, what each op dispatches to here, and its GPU status."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 
@@ -13,7 +14,7 @@ from vqkernels._version import __version__
 
 def _op_dispatches():
     """label -> (public op, its dispatch, the dtype and shape facts info() asks about)."""
-    from vqkernels.ops import ddim, ema, search, timestep
+    from vqkernels.ops import adaln, ddim, ema, search, timestep
     from vqkernels.ops.flash_attention import DISPATCH as attention_dispatch
 
     f32 = torch.float32
@@ -30,6 +31,10 @@ def _op_dispatches():
                                               dict(codebook_dtype=f32)),
         "attention (fp32, d=72)": ("attention", attention_dispatch, f32, dict(head_dim=72)),
         "ddim_step (fp32)": ("ddim_step", ddim.DISPATCH, f32, {}),
+        "layer_norm_modulate (fp32)": ("layer_norm_modulate", adaln.NORM_DISPATCH, f32, {}),
+        "gated_residual (fp32)": ("gated_residual", adaln.RESIDUAL_DISPATCH, f32, {}),
+        "gated_residual_layer_norm_modulate (fp32)": ("gated_residual_layer_norm_modulate",
+                                                      adaln.FUSED_DISPATCH, f32, {}),
     }
 
 
@@ -41,14 +46,19 @@ def _devices() -> list[torch.device]:
 
 
 def versions() -> dict:
-    """python, torch, triton (None if not installed) and vqkernels versions."""
+    """python, torch, triton (None if not installed) and vqkernels versions; vqkernels' as
+    installed (0.1.0+torch2.14cu130: the torch and CUDA it was built for) when it is."""
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:
+        installed = importlib.metadata.version("vqkernels")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path
+        installed = __version__
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "triton": triton_version, "vqkernels": __version__}
+            "triton": triton_version, "vqkernels": installed}
 
 
 def gpu_status() -> dict[str, dict[str, str]]:

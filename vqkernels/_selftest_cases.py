@@ -16,15 +16,15 @@ import torch
 
 from vqkernels import ops
 from vqkernels._dispatch import OpDispatch
-from vqkernels.ops import ddim, ema, search, timestep
+from vqkernels.ops import adaln, ddim, ema, search, timestep
 from vqkernels.ops.flash_attention import DISPATCH as ATTENTION_DISPATCH
 from vqkernels.reference import attention as ref_attention
 from vqkernels.reference import ddim as ref_ddim
 from vqkernels.reference import ema as ref_ema
 from vqkernels.reference import search as ref_search
 from vqkernels.reference import timestep as ref_timestep
-from vqkernels.testing import (attention_magnitudes, code_stats_errors, contract_error,
-                               max_abs, nearest_errors)
+from vqkernels.testing import (ADALN_OPS, adaln_magnitudes, attention_magnitudes, code_stats_errors,
+                               contract_error, max_abs, nearest_errors)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 Errors = dict[str, tuple[float, float]]
@@ -203,6 +203,43 @@ def check_attention(backend, device, dtype, generator) -> Errors:
                                           got[0] + got[1], same[0] + same[1], truth[0] + truth[1])}
 
 
+# --- adaLN: outputs and every input's gradient, odd D past one 1024-column tile --------------
+
+def _adaln_check(op):
+    inputs, outputs = ADALN_OPS[op]
+
+    def check(backend, device, dtype, generator) -> Errors:
+        b, t, d = 2, 37, 1153
+        drawn = {"x": _randn((b, t, d), generator, dtype, 2.0),
+                 "y": _randn((b, t, d), generator, dtype)}
+        drawn.update({name: _randn((b, d), generator, dtype, 0.5)
+                      for name in ("gate", "shift", "scale")})
+        args = [drawn[name] for name in inputs]
+        upstream = [_randn((b, t, d), generator, dtype) for _ in outputs]
+        fn = getattr(ops, op)
+
+        def ours(*x):
+            out = fn(*(v.to(device) for v in x), backend=backend)
+            out = out if isinstance(out, tuple) else (out,)
+            return tuple(_expect_dtype(o, dtype, name) for o, name in zip(out, outputs))
+
+        def reference(*x):
+            return fn(*x, backend="reference")
+
+        got, same = _with_grads(ours, args, upstream), _with_grads(reference, args, upstream)
+        truth = _with_grads(reference, [_f64(a) for a in args], upstream)
+        sizes = adaln_magnitudes(**dict(zip(inputs, args)),
+                                 **{"grad_" + name: u for name, u in zip(outputs, upstream)})
+        names = list(outputs) + [f"grad {name}" for name in inputs]
+        keys = list(outputs) + list(inputs)
+        return {name: contract_error("adaln", dtype, g, s, t, magnitude=sizes[key],
+                                     kind="forward" if key in outputs else "gradient")
+                for name, key, g, s, t in zip(names, keys, got[0] + got[1], same[0] + same[1],
+                                              truth[0] + truth[1])}
+
+    return check
+
+
 # --- ddim_step: guidance on a [cond; uncond] batch, per-sample timesteps, given noise ----------
 
 DDIM_OPTIONS = dict(num_inference_steps=20, eta=0.5)
@@ -257,4 +294,8 @@ CASES = (
     Case("attention", ATTENTION_DISPATCH, (F32, F64, F16, BF16), check_attention,
          lambda dtype: (dtype, {"head_dim": 72})),
     Case("ddim_step", ddim.DISPATCH, (F32, F16, BF16), check_ddim_step, _plain),
+    *(Case(op, dispatch, (F32, F64, F16, BF16), _adaln_check(op), _plain)
+      for op, dispatch in (("layer_norm_modulate", adaln.NORM_DISPATCH),
+                           ("gated_residual", adaln.RESIDUAL_DISPATCH),
+                           ("gated_residual_layer_norm_modulate", adaln.FUSED_DISPATCH))),
 )

@@ -50,6 +50,12 @@ TOLERANCES = {
     # Attention: the slack covers the kernels' exp2-based softmax and, in half
     # precision, P and dS rounded to the input dtype for the tensor-core products
     # (the reference upcasts everything to float32).
+    # adaLN (layer_norm_modulate, gated_residual and their fusion): statistics and sums
+    # in float32; rstd from an approximate rsqrt on the GPU (2 ulp).
+    ("adaln", torch.float64): Tolerance(atol=1e-12),
+    ("adaln", torch.float32): Tolerance(atol=2e-6),
+    ("adaln", torch.float16): Tolerance(atol=2e-3),
+    ("adaln", torch.bfloat16): Tolerance(atol=1.6e-2),
     ("attention", torch.float64): Tolerance(atol=1e-12),
     ("attention", torch.float32): Tolerance(atol=2e-6),
     ("attention", torch.float16): Tolerance(atol=2e-3),
@@ -114,6 +120,8 @@ def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              |S| or its terms' RSS, large for large logits)
         dq: |scale| RSS of dS k     dk: |scale| RSS of dS^T q     dv: RSS of P^T dO
 
+    where dS's own size counts its terms P (|dO| |v|^T + rowsum |dO * O|), which
+    cancel (exactly for a single key) while their rounding does not;
     each at least the result's own max, under keys "out", "dq", "dk", "dv"
     (only "out" without ``grad_out``).
     """
@@ -130,8 +138,14 @@ def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if grad_out is not None:
         do = grad_out.detach().double().cpu()
         ds = p * (do @ v.transpose(-2, -1) - (do * out).sum(-1, keepdim=True))
-        sizes.update(dq=abs(scale) * size(ds, k), dk=abs(scale) * size(ds.transpose(-2, -1), q),
-                     dv=size(p.transpose(-2, -1), do))
+        # dS cancels (exactly, for one key), but not its rounding: that has the size of its terms.
+        ds_terms = p * (do.abs() @ v.abs().transpose(-2, -1)
+                        + (do * out).abs().sum(-1, keepdim=True))
+        sizes.update(
+            dq=abs(scale) * max(size(ds, k), biggest(rss(ds_terms, k))),
+            dk=abs(scale) * max(size(ds.transpose(-2, -1), q),
+                                biggest(rss(ds_terms.transpose(-2, -1), q))),
+            dv=size(p.transpose(-2, -1), do))
     return sizes
 
 
@@ -206,3 +220,61 @@ def assert_nearest(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tenso
                            f"nearest, allowed {rtol:.0e}")
     dist_err, allowed = errors["distances"]
     assert dist_err <= allowed, f"{what}: returned distance off by {dist_err:.2e} (relative)"
+
+
+# The adaLN ops: their inputs in call order and their outputs, as adaln_magnitudes names them.
+ADALN_OPS = {
+    "layer_norm_modulate": (("x", "shift", "scale"), ("h",)),
+    "gated_residual": (("x", "gate", "y"), ("x_new",)),
+    "gated_residual_layer_norm_modulate": (("x", "gate", "y", "shift", "scale"), ("x_new", "h")),
+}
+
+
+def adaln_magnitudes(x: torch.Tensor, shift: torch.Tensor | None = None,
+                     scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                     y: torch.Tensor | None = None, grad_h: torch.Tensor | None = None,
+                     grad_x_new: torch.Tensor | None = None,
+                     eps: float = 1e-6) -> dict[str, float]:
+    """The size of the terms summed into each adaLN output and gradient, in float64.
+
+    With v = x (+ gate y), xhat its normalized rows, gs = dL/dh (1 + scale) and
+    g = |dL/dv| bounded by its terms rstd (|gs| + mean |gs| + |xhat| mean |gs xhat|)
+    + |dL/dx_new| (without shift and scale, the gated residual alone: |dL/dx_new|)::
+
+        h: |xhat| |1 + scale| + |shift|     x_new: |x| + |gate y|
+        x: g     shift: sum_T |dL/dh|     scale: sum_T |dL/dh xhat|
+        gate: sum_T g |y|     y: g |gate|
+
+    (sums over T for per-sample parameters), each the max over elements, keyed
+    by the output or the input whose gradient it is.
+    """
+    from vqkernels.reference.adaln import layer_norm_statistics
+
+    f64 = (lambda t: None if t is None else t.detach().double().cpu())
+    x, shift, scale, gate, y, grad_h, grad_x_new = map(
+        f64, (x, shift, scale, gate, y, grad_h, grad_x_new))
+    per_token = (lambda p: p[:, None] if p.dim() == 2 else p)
+    summed = (lambda terms, p: terms.sum(1) if p.dim() == 2 else terms)
+    biggest = (lambda t: t.abs().max().item() if t.numel() else 0.0)
+    sizes, g = {}, torch.zeros_like(x)
+    v = x if gate is None else x + per_token(gate) * y
+    if gate is not None:
+        sizes["x_new"] = biggest(x.abs() + (per_token(gate) * y).abs())
+    if scale is not None:
+        mean, rstd = layer_norm_statistics(v, eps)
+        xhat = (v - mean[..., None]) * rstd[..., None]
+        sizes["h"] = biggest(xhat.abs() * (1 + per_token(scale)).abs() + per_token(shift).abs())
+        if grad_h is not None:
+            gs = (grad_h * (1 + per_token(scale))).abs()
+            g = rstd[..., None] * (gs + gs.mean(-1, keepdim=True)
+                                   + xhat.abs() * (gs * xhat.abs()).mean(-1, keepdim=True))
+            sizes.update(shift=biggest(summed(grad_h.abs(), shift)),
+                         scale=biggest(summed((grad_h * xhat).abs(), scale)))
+    if grad_x_new is not None:
+        g = g + grad_x_new.abs()
+    if grad_h is not None or grad_x_new is not None:
+        sizes["x"] = biggest(g)
+        if gate is not None:
+            sizes.update(gate=biggest(summed(g * y.abs(), gate)),
+                         y=biggest(g * per_token(gate).abs()))
+    return sizes

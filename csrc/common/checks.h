@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string_view>
 #include <utility>
@@ -113,6 +114,108 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const at::
               "lse must be (B, H, Sq) = ", q.sizes().slice(0, 3), ", got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.device() == q.device(), "lse must be ",
               lse_dtype, " on q's device, got ", lse.scalar_type(), " on ", lse.device());
+}
+
+// The sizes of an adaLN-family call: x (B, T, D), the conditioning (shift,
+// scale, gate) per sample (B, D) or per token (B, T, D).
+struct AdalnSizes {
+  int64_t batch, tokens, dim;
+  bool per_token;
+};
+
+// Element strides between rows (b, t) of a (B, T, D) tensor, or of a
+// per-sample (B, D) one (token stride 0: every token reads its sample's row).
+struct RowStrides {
+  int64_t batch, token;
+};
+inline RowStrides row_strides(const at::Tensor& t) {
+  return {t.stride(0), t.dim() == 3 ? t.stride(1) : 0};
+}
+
+// An argument and its name in messages; tensor is null for an optional one not given.
+struct NamedTensor {
+  const at::Tensor* tensor;
+  const char* name;
+};
+inline const at::Tensor* given(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
+
+// The dtype of adaLN statistics (mean, rstd) and sums: float64 for float64 x, else float32.
+inline at::ScalarType adaln_stat_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// What would crash the adaLN kernels (the rest is validated in
+// vqkernels/ops/adaln.py): x (B, T, D) on `device`; each of like_x of x's
+// shape; each of params (B, D) or (B, T, D), all in one form; all of x's dtype
+// and device, with unit stride along D.
+inline AdalnSizes check_adaln_args(NamedTensor x, at::DeviceType device,
+                                   std::initializer_list<NamedTensor> like_x,
+                                   std::initializer_list<NamedTensor> params) {
+  const at::Tensor& t = *x.tensor;
+  TORCH_CHECK(t.device().type() == device, x.name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.dim() == 3, x.name, " must be 3-D (B, T, D), got ", t.dim(), " dims");
+  const AdalnSizes s{t.size(0), t.size(1), t.size(2), params.begin()->tensor->dim() == 3};
+  const auto check_like = [&](const at::Tensor& a, const char* name) {
+    TORCH_CHECK(a.scalar_type() == t.scalar_type() && a.device() == t.device(), name,
+                " must have ", x.name, "'s dtype and device (", t.scalar_type(), " on ",
+                t.device(), "), got ", a.scalar_type(), " on ", a.device());
+    TORCH_CHECK(a.size(-1) <= 1 || a.stride(-1) == 1, name, " needs unit stride along D");
+  };
+  check_like(t, x.name);
+  for (const NamedTensor& a : like_x) {
+    if (!a.tensor) continue;
+    TORCH_CHECK(a.tensor->sizes() == t.sizes(), a.name, " must have ", x.name, "'s shape ",
+                t.sizes(), ", got ", a.tensor->sizes());
+    check_like(*a.tensor, a.name);
+  }
+  for (const NamedTensor& p : params) {
+    if (!p.tensor) continue;
+    const at::Tensor& a = *p.tensor;
+    const bool matches = s.per_token ? a.dim() == 3 && a.sizes() == t.sizes()
+                                     : a.dim() == 2 && a.size(0) == s.batch && a.size(1) == s.dim;
+    TORCH_CHECK(matches, p.name, " must be ", s.per_token ? "(B, T, D)" : "(B, D)",
+                " like ", params.begin()->name, ", with (B, T, D) = ", t.sizes(), ", got ",
+                a.sizes());
+    check_like(a, p.name);
+  }
+  return s;
+}
+
+inline AdalnSizes check_adaln_forward_args(const at::Tensor& x, const at::Tensor& shift,
+                                           const at::Tensor& scale,
+                                           const std::optional<at::Tensor>& gate,
+                                           const std::optional<at::Tensor>& y,
+                                           at::DeviceType device) {
+  TORCH_CHECK(gate.has_value() == y.has_value(), "gate and y must be given together");
+  return check_adaln_args({&x, "x"}, device, {{given(y), "y"}},
+                          {{&shift, "shift"}, {&scale, "scale"}, {given(gate), "gate"}});
+}
+
+// check_adaln_args for adaln_backward, and mean, rstd (B, T) in float32
+// (float64 for float64 x) on x's device.
+inline AdalnSizes check_adaln_backward_args(const at::Tensor& grad_h,
+                                            const std::optional<at::Tensor>& grad_x_new,
+                                            const at::Tensor& x, const at::Tensor& scale,
+                                            const at::Tensor& mean, const at::Tensor& rstd,
+                                            at::DeviceType device) {
+  const AdalnSizes s = check_adaln_args({&x, "x"}, device,
+                                        {{&grad_h, "grad_h"}, {given(grad_x_new), "grad_x_new"}},
+                                        {{&scale, "scale"}});
+  const at::ScalarType stat_dtype = adaln_stat_dtype(x);
+  for (const auto& [stat, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
+    TORCH_CHECK(stat->dim() == 2 && stat->size(0) == s.batch && stat->size(1) == s.tokens, name,
+                " must be (B, T) = (", s.batch, ", ", s.tokens, "), got ", stat->sizes());
+    TORCH_CHECK(stat->scalar_type() == stat_dtype && stat->device() == x.device(), name,
+                " must be ", stat_dtype, " on x's device, got ", stat->scalar_type(), " on ",
+                stat->device());
+  }
+  return s;
+}
+
+// gated_residual_forward (x) or its backward (x = grad): x, y (B, T, D), gate.
+inline AdalnSizes check_gated_residual_args(NamedTensor x, const at::Tensor& gate,
+                                            const at::Tensor& y, at::DeviceType device) {
+  return check_adaln_args(x, device, {{&y, "y"}}, {{&gate, "gate"}});
 }
 
 }  // namespace vqkernels

@@ -35,6 +35,17 @@ cudaError_t dispatch_float(DType dtype, F&& f) {
   }
 }
 
+// The element types of the GPU kernels (float64 is CPU-only there).
+template <typename F>
+cudaError_t dispatch_gpu_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float16: return f(__half{});
+    case DType::BFloat16: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 template <typename F>
 cudaError_t dispatch_float_or_int(DType dtype, F&& f) {
   switch (dtype) {

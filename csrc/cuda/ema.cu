@@ -128,16 +128,6 @@ cudaError_t dispatch_index(DType dtype, F&& f) {
   }
 }
 
-template <typename F>
-cudaError_t dispatch_gpu_float(DType dtype, F&& f) {  // fp64 is CPU-only
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::Float16: return f(__half{});
-    case DType::BFloat16: return f(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_code_stats(const void* z, DType z_dtype, const void* indices,

@@ -83,4 +83,56 @@ cudaError_t launch_attention_forward(const void* q, const void* k, const void* v
                                      const int64_t* v_strides, float scale, void* out, float* lse,
                                      cudaStream_t stream);
 
+// --- adaLN family (csrc/cuda/adaln.cu; spec vqkernels/reference/adaln.py) ---------------
+
+// A (B, T, D) tensor read in place with unit stride along D: row (b, t) starts
+// batch_stride * b + token_stride * t elements after data. A per-sample (B, D)
+// parameter has token_stride 0; data == nullptr: not given.
+struct StridedRows {
+  const void* data = nullptr;
+  int64_t batch_stride = 0, token_stride = 0;
+};
+
+// (B, T, D) and the one element type (Float32, Float16 or BFloat16) of a call. The
+// launchers return cudaErrorInvalidValue for another dtype, a D outside [1, 2^30] or a
+// pointer missing; their callers check first, so that the user is told the real cause.
+struct AdalnShape {
+  int64_t batch = 0, tokens = 0, dim = 0;
+  DType dtype = DType::Float32;
+};
+
+// h = modulate(layer_norm(x_new), shift, scale) with x_new = x + gate * y
+// rounded to dtype when gate and y are given (then written to x_new), else
+// x_new = x. h == nullptr: the gated residual alone (x_new written; shift,
+// scale, mean, rstd unused). Outputs contiguous: h, x_new (B, T, D); mean,
+// rstd (B, T) fp32. Needs 1 <= dim <= 2^30.
+struct AdalnForwardArgs {
+  AdalnShape shape;
+  StridedRows x, shift, scale, gate, y;
+  float eps = 0.0f;
+  void *h = nullptr, *x_new = nullptr;
+  float *mean = nullptr, *rstd = nullptr;
+};
+cudaError_t launch_adaln_forward(const AdalnForwardArgs& args, cudaStream_t stream);
+
+// adaln_backward (gated false: grad = dL/dh, input = the normalized x, param =
+// scale, with mean, rstd (B, T) fp32 contiguous and grad_x_new optional;
+// writes grad_input = grad_x, param_grad = grad_shift, scale_grad = grad_scale)
+// or gated_residual_backward (gated true: grad = dL/dx_new, input = y, param
+// = gate; writes grad_input = grad_y, param_grad = grad_gate). Outputs are
+// contiguous: grad_input (B, T, D), parameter grads (B, D) summed over T when
+// per_sample, else (B, T, D). Per-sample sums are deterministic; they need a
+// workspace of adaln_backward_workspace_floats fp32 (zero: none) for the same
+// args on the same device.
+struct AdalnBackwardArgs {
+  AdalnShape shape;
+  bool gated = false, per_sample = true;
+  StridedRows grad, input, param, grad_x_new;
+  const float *mean = nullptr, *rstd = nullptr;
+  void *grad_input = nullptr, *param_grad = nullptr, *scale_grad = nullptr;
+};
+cudaError_t adaln_backward_workspace_floats(const AdalnBackwardArgs& args, int64_t* floats);
+cudaError_t launch_adaln_backward(const AdalnBackwardArgs& args, float* workspace,
+                                  cudaStream_t stream);
+
 }  // namespace vqkernels::cuda

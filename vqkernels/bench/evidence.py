@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FAMILIES = ("timestep", "search", "ema", "quantizer", "ddim", "attention")
+FAMILIES = ("timestep", "search", "ema", "quantizer", "ddim", "attention", "adaln", "models")
 STEP_STATUSES = ("ok", "failed", "timed out", "not run")
 # test module prefix -> op family (test_reference_X counts as test_X; test_search_kernels
 # as test_search); modules that match none count as "other".
@@ -25,7 +25,9 @@ TEST_FAMILIES = {
     "test_ema": "ema", "test_kmeans": "ema", "test_distributed": "ema",
     "test_quantizer": "quantizer", "test_vector_quantize": "quantizer",
     "test_ddim": "ddim", "test_sampler": "ddim", "test_scheduler": "ddim",
-    "test_attention": "attention",
+    "test_attention": "attention", "test_adaln": "adaln", "test_dit_block": "adaln",
+    "test_dit_model": "models", "test_dit_diffusers": "models", "test_vqgan": "models",
+    "test_llamagen": "models", "test_demo": "models",
 }
 
 
@@ -41,7 +43,8 @@ SELFTEST_FAMILIES = {
     "timestep_embedding": "timestep", "nearest_code": "search",
     "nearest_code_with_stats": "search", "vector_quantize": "quantizer",
     "code_counts_and_sums": "ema", "ema_update_": "ema", "ddim_step": "ddim",
-    "attention": "attention",
+    "attention": "attention", "layer_norm_modulate": "adaln", "gated_residual": "adaln",
+    "gated_residual_layer_norm_modulate": "adaln",
 }
 # Sanitizer lines that start a record but are not errors (ERROR SUMMARY does not count them).
 _SANITIZER_NOT_ERRORS = ("COMPUTE-SANITIZER", "ERROR SUMMARY", "LEAK SUMMARY",

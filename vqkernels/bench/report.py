@@ -1,10 +1,11 @@
 """Benchmark output: the table on screen, the JSON record and the speed-up plot.
 
-The JSON record (``write_json`` lists its keys) keeps the device, versions,
-build, date and ceilings next to every row, so a saved run can be judged and
-compared later without the machine it ran on. ``python -m
-vqkernels.bench.report BENCH_JSON PNG`` plots a saved run again (e.g. one
-from a machine without matplotlib).
+Under the table: the ceilings, why a backend was skipped, and the issue
+targets the rows meet or miss. The JSON record (``write_json`` lists its keys)
+keeps the device, versions, build, date, ceilings and skipped backends next to
+every row, so a saved run can be judged and compared later without the machine
+it ran on. ``python -m vqkernels.bench.report BENCH_JSON PNG`` plots a saved
+run again (e.g. one from a machine without matplotlib).
 """
 from __future__ import annotations
 
@@ -19,15 +20,17 @@ import torch
 
 from vqkernels import _ext
 from vqkernels._version import __version__
+from vqkernels.bench import targets
 from vqkernels.bench.cases import REFERENCE as REFERENCE_BACKEND
+from vqkernels.bench.cases import Case
 
-_COLUMNS = ("op", "shape", "backend", "time us", "vs ref", "achieved", "limit", "% ceil",
-            "x floor", "peak MiB")
+_COLUMNS = ("op", "shape", "backend", "time us", "rate", "vs ref", "also vs", "achieved",
+            "limit", "% ceil", "x floor", "peak MiB")
 _BAR_INCHES = 0.27  # height of one bar's slot in the plot: 8-point labels stay apart
 
 
-def metadata(ceilings: dict, quick: bool) -> dict:
-    """Where and with what the rows were measured."""
+def metadata(ceilings: dict, quick: bool, skipped: list[dict] | None = None) -> dict:
+    """Where and with what the rows were measured; ``skipped``: see ``skipped_backends``."""
     try:
         import triton
         triton_version = triton.__version__
@@ -43,7 +46,14 @@ def metadata(ceilings: dict, quick: bool) -> dict:
         "ceilings": ceilings,
         "quick": quick,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "skipped": skipped or [],
     }
+
+
+def skipped_backends(cases: list[Case]) -> list[dict]:
+    """One ``{op, shape, backend, reason}`` per backend a case could not run here."""
+    return [{"op": case.op, "shape": case.shape, "backend": backend, "reason": reason}
+            for case in cases for backend, reason in case.skipped.items()]
 
 
 def _fmt(value, spec: str) -> str:
@@ -65,21 +75,43 @@ def _limit(row: dict) -> str:
     return f"{level} cache" if row.get("floor_us") is None else level
 
 
-def _cells(row: dict, measured: bool) -> tuple[str, ...]:
-    cells = (row["op"], row["shape"], row["backend"], _fmt(row["time_us"], ".1f"),
-             _fmt(row["speedup"], ".3g") + ("x" if row["speedup"] is not None else ""),
-             f"{row['achieved']:.3g} {row['achieved_unit']}", _limit(row),
-             _pct(row, "ceiling_pct"))
+def _also_vs(row: dict) -> str:
+    """The speed-ups over the case's other baselines: "1.3x compiled"."""
+    return ", ".join(f"{x:.3g}x {name}" for name, x in row.get("speedups", {}).items()) or "-"
+
+
+def _rate(row: dict) -> str:
+    """Items made per second: "71.3 images/s"; "-" for a case without items."""
+    if not row.get("items_per_s"):
+        return "-"
+    return f"{row['items_per_s']:.3g} {row['items_unit']}/s"
+
+
+def _cells(row: dict, measured: bool, rate: bool, also: bool) -> tuple[str, ...]:
+    cells = (row["op"], row["shape"], row["backend"], _fmt(row["time_us"], ".1f"))
+    cells += (_rate(row),) if rate else ()
+    cells += (_fmt(row["speedup"], ".3g") + ("x" if row["speedup"] is not None else ""),)
+    cells += (_also_vs(row),) if also else ()
+    cells += (f"{row['achieved']:.3g} {row['achieved_unit']}", _limit(row),
+              _pct(row, "ceiling_pct"))
     if measured:
         cells += (_pct(row, "measured_ceiling_pct"),)
     return cells + (_fmt(row["x_from_floor"], ".1f"), _fmt(row["peak_mib"], ".2f"))
 
 
 def format_table(rows: list[dict], meta: dict) -> str:
-    """Aligned text table, the ceilings it is judged against, and any ceiling problems."""
+    """Aligned text table, the ceilings it is judged against, ceiling problems, skipped
+    backends and the targets of the families in the rows.
+
+    "rate" (items per second, e.g. images/s) and "also vs" (speed-ups over a case's other
+    baselines) show only when a row has one.
+    """
     measured = "measured" in meta["ceilings"]
-    columns = _COLUMNS[:8] + (("% meas",) if measured else ()) + _COLUMNS[8:]
-    cells = [columns] + [_cells(row, measured) for row in rows]
+    rate = any(row.get("items_per_s") for row in rows)
+    also = any(row.get("speedups") for row in rows)
+    columns = (_COLUMNS[:4] + _COLUMNS[4:5] * rate + _COLUMNS[5:6] + _COLUMNS[6:7] * also
+               + _COLUMNS[7:10] + ("% meas",) * measured + _COLUMNS[10:])
+    cells = [columns] + [_cells(row, measured, rate, also) for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(w) if i > 2 else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(line, widths))) for line in cells]
@@ -90,7 +122,40 @@ def format_table(rows: list[dict], meta: dict) -> str:
     lines += [f"ceil! {row['op']} {row['shape']} {row['backend']}: {problem}"
               for row in rows for problem in (row.get("ceiling_problem"),
                                               row.get("measured_ceiling_problem")) if problem]
-    return "\n".join(lines)
+    return "\n".join(lines + _skipped_lines(meta.get("skipped", ())) + target_lines(rows))
+
+
+def _skipped_lines(skipped: list[dict]) -> list[str]:
+    """One line per (family, backend, reason): the shapes it was skipped at, and why."""
+    shapes: dict[tuple[str, str, str], list[str]] = {}
+    for entry in skipped:
+        shapes.setdefault((entry["op"], entry["backend"], entry["reason"]), []).append(
+            entry["shape"])
+    return [f"skipped: {op} {backend} at {', '.join(found)}: {reason}"
+            for (op, backend, reason), found in shapes.items()]
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The targets of each device and op family in ``rows``: measured, needed, met or not."""
+    lines = []
+    for device in dict.fromkeys(row.get("device") for row in rows):
+        families = {row["op"] for row in rows if row.get("device") == device}
+        for verdict in targets.evaluate(rows, device=device):
+            target = verdict["target"]
+            if target.family in families:
+                lines.append(f"target: {target.family} {target.what} ({target.needed}): "
+                             + _verdict_text(verdict))
+    return lines
+
+
+def _verdict_text(verdict: dict) -> str:
+    row = verdict["row"]
+    if row is None:
+        return "no row of ours at its shapes in this run"
+    where = f"{row['shape']} {row['backend']}"
+    if verdict["value"] is None:
+        return f"{where}: no baseline row"
+    return f"{where}: {targets.format_value(verdict)}, {'met' if verdict['met'] else 'MISSED'}"
 
 
 def describe_ceilings(ceilings: dict) -> list[str]:
@@ -138,7 +203,10 @@ def write_json(path: str, rows: list[dict], meta: dict) -> None:
     ``ceiling_pct``, ``x_from_floor``, ``ceiling_problem`` (why a time under
     its floor got no percentage), ``measured_ceiling_pct`` +
     ``measured_ceiling_problem`` (against the ceilings measured at start; null
-    off GPUs in the table) and ``peak_mib`` (null when it could not be measured).
+    off GPUs in the table), ``peak_mib`` (null when it could not be measured),
+    ``items_per_s`` + ``items_unit`` (e.g. images/s; null for a case without items) and
+    ``speedups`` (over the case's other baselines, by backend); ``skipped``: the
+    backends not timed, each with its op, shape and reason.
     """
     with open(path, "w") as out:
         json.dump({**meta, "rows": rows}, out, indent=2)

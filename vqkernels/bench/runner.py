@@ -170,8 +170,17 @@ def _percent(floor: float | None, seconds: float, what: str) -> tuple[float | No
     return 100 * floor / seconds, None
 
 
+def rate(case: Case, seconds: float) -> dict:
+    """``items_per_s`` and ``items_unit`` of a call taking ``seconds`` (None without items)."""
+    if not case.items:
+        return {"items_per_s": None, "items_unit": None}
+    return {"items_per_s": case.items / seconds, "items_unit": case.items_unit}
+
+
 def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool) -> list[dict]:
-    """One row per backend of ``case``: time, speed-up vs the reference, floor, peak memory."""
+    """One row per backend of ``case``: time, speed-up vs the reference (and vs each of
+    ``case.baselines`` that ran, in ``speedups``), floor, peak memory, and the rate of
+    ``case.items`` per second (``items_per_s``; None for a case without items)."""
     rows = []
     for backend, fn in case.fns.items():
         fn()  # compile / fault pages in before measuring memory
@@ -182,10 +191,12 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool) -> l
                      "working_set": case.resident_bytes, "flops": case.flops,
                      "flop_dtype": case.flop_dtype,
                      "peak_mib": peak / 2**20 if peak is not None else None,
-                     **judge(case, seconds, ceilings)})
-    ref = next((row["time_us"] for row in rows if row["backend"] == REFERENCE), None)
+                     **rate(case, seconds), **judge(case, seconds, ceilings)})
+    times = {row["backend"]: row["time_us"] for row in rows}
     for row in rows:
-        row["speedup"] = ref / row["time_us"] if ref is not None else None
+        row["speedup"] = times[REFERENCE] / row["time_us"] if REFERENCE in times else None
+        row["speedups"] = {name: times[name] / row["time_us"] for name in case.baselines
+                           if name in times}
     return rows
 
 

@@ -227,13 +227,8 @@ def _target_cell(verdicts: list[dict], family: str, backend: str) -> str:
         return "-"
     worst = min(mine, key=lambda v: v["value"] / targets.threshold(v["target"]))
     met = sum(v["met"] for v in mine)
-    return f"{met} of {len(mine)} met; worst {_value(worst)} vs {worst['target'].needed} " \
-           f"({worst['row']['shape']})"
-
-
-def _value(verdict: dict) -> str:
-    value = verdict["value"]
-    return f"{value:.1f}%" if verdict["target"].ceiling_pct is not None else f"{value:.3g}x"
+    return (f"{met} of {len(mine)} met; worst {targets.format_value(worst)} vs "
+            f"{worst['target'].needed} ({worst['row']['shape']})")
 
 
 def _ceiling_cell(ev: Evidence, family: str, backend: str) -> str:
@@ -287,7 +282,7 @@ def _targets_table(ev: Evidence, verdicts: list[dict]) -> list[str]:
             lines.append(f"| {target.family} | {target.what} | no row at this shape in this run "
                          f"| - | - | {target.needed} | not run |")
             continue
-        measured = "no baseline row" if v["value"] is None else _value(v)
+        measured = "no baseline row" if v["value"] is None else targets.format_value(v)
         met = "-" if v["met"] is None else "yes" if v["met"] else "**no**"
         lines.append(f"| {target.family} | {target.what} | {row['shape']} | {row['backend']} | "
                      f"{measured} | {target.needed} | {met} |")

@@ -2,8 +2,9 @@
 
 Each ``Target`` names bench rows (op family + a regular expression the row's
 ``shape`` must match in full) and either a speed-up over the fastest of its
-baseline backends or a share of the device ceiling. Targets hold for one run
-on an H100/H200 (``GPU_ONLY``): rows from another device are not judged.
+baseline backends or a share of the device ceiling. A target holds for rows
+of its ``device``: most for one run on an H100/H200 (``GPU_ONLY``), a few for
+a run on a CPU; rows from another device are not judged by it.
 
 ``auto_decisions`` reads the same rows for the order ``auto`` should try the
 kernel backends in: per op family (and mode, e.g. ``fwd`` / ``fwdbwd``) and
@@ -30,6 +31,7 @@ class Target:
     baselines: tuple[str, ...] = ("reference",)
     ratio: float | None = None
     ceiling_pct: float | None = None
+    device: str = GPU_ONLY  # the device type of the rows it judges
 
     def matches(self, row: dict) -> bool:
         return row["op"] == self.family and re.fullmatch(self.shape, row["shape"]) is not None
@@ -46,6 +48,14 @@ def _baseline_name(baselines: tuple[str, ...]) -> str:
 
 
 _D72_FWD, _D72_FWDBWD = r"fwd-\d+x\d+x\d+x72-bfloat16", r"fwdbwd-\d+x\d+x\d+x72-bfloat16"
+_ADALN_GPU = r"-\d+x\d+x1152-bfloat16"  # the (B, T, D) of vqkernels.bench.adaln's GPU shapes
+_ADALN_CPU = r"-64x256x1152-float32"
+_ADALN_OPS = r"(lnmod|residual|fused)"
+_DIT_SAMPLE = r"dit-xl2-ddim50-cfg4-64x4x32x32-bfloat16"  # vqkernels.bench.models' GPU cases
+_TOKENIZERS = r"(vqgan-f16-16384|llamagen-vq16)"
+# The eager baselines of a whole model, the faster of which a target holds against: the twin and
+# what a user runs (DiT on SDPA; a tokenizer on its repository's matmul-expansion search).
+_EAGER_DIT, _EAGER_TOKENIZER = ("reference", "sdpa-eager"), ("reference", "original")
 TARGETS = (
     Target("search", "bf16 K=16384 D=256 vs torch bf16 matmul + argmin",
            r"N\d+xK16384xD256-bf16", ratio=6),
@@ -71,19 +81,50 @@ TARGETS = (
            SDPA, ratio=1.0),
     Target("attention", "d=72 bf16 forward + backward vs SDPA flash", _D72_FWDBWD,
            ("sdpa-flash",), ratio=1.3),
+    Target("adaln", "layer_norm_modulate forward: share of copy bandwidth",
+           "lnmod-fwd" + _ADALN_GPU, ceiling_pct=85),
+    Target("adaln", "layer_norm_modulate forward vs eager", "lnmod-fwd" + _ADALN_GPU, ratio=2.5),
+    Target("adaln", "layer_norm_modulate forward + backward vs eager",
+           "lnmod-fwdbwd" + _ADALN_GPU, ratio=2),
+    Target("adaln", "layer_norm_modulate forward + backward vs torch.compile of eager",
+           "lnmod-fwdbwd" + _ADALN_GPU, ("compiled",), ratio=1.2),
+    Target("adaln", "gated residual + layer_norm_modulate fused forward vs eager",
+           "fused-fwd" + _ADALN_GPU, ratio=3),
+    Target("adaln", "each adaLN op forward vs eager (CPU)", _ADALN_OPS + "-fwd" + _ADALN_CPU,
+           ratio=2, device="cpu"),
+    Target("adaln", "each adaLN op forward + backward vs eager (CPU)",
+           _ADALN_OPS + "-fwdbwd" + _ADALN_CPU, ratio=1.5, device="cpu"),
+    Target("adaln", "DiTBlock forward + backward vs its twin ReferenceDiTBlock (CPU)",
+           r"block-fwdbwd-8x256x1152-float32", ratio=1.2, device="cpu"),
+    Target("models", "DiT-XL/2 50-step DDIM + CFG sampling, images/s vs eager PyTorch",
+           _DIT_SAMPLE, _EAGER_DIT, ratio=1.5),
+    Target("models", "DiT-XL/2 50-step DDIM + CFG sampling vs torch.compile of the SDPA twin",
+           _DIT_SAMPLE, ("compiled",), ratio=1.1),
+    Target("models", "DiT-XL/2 training step (forward + backward) vs eager PyTorch",
+           r"dit-xl2-fwdbwd-32x4x32x32-bfloat16", _EAGER_DIT, ratio=1.3),
+    Target("models", "tokenizing 256 px images end to end vs eager PyTorch",
+           _TOKENIZERS + r"-tokenize-32x3x256x256-float32", _EAGER_TOKENIZER, ratio=1.3),
+    Target("models", "the tokenizer's quantize stage vs eager PyTorch",
+           _TOKENIZERS + r"-quantize-32x\d+x16x16-float32", _EAGER_TOKENIZER, ratio=10),
+    Target("models", "DiT-S/2 forward vs eager PyTorch (CPU)", r"dit-s2-fwd-4x4x32x32-float32",
+           _EAGER_DIT, ratio=1.2, device="cpu"),
+    Target("models", "LlamaGen VQ-16 tokenizing 128 px images vs eager PyTorch (CPU)",
+           r"llamagen-vq16-tokenize-2x3x128x128-float32", _EAGER_TOKENIZER, ratio=1.2,
+           device="cpu"),
 )
 
 
-def evaluate(rows: list[dict], targets: tuple[Target, ...] = TARGETS) -> list[dict]:
-    """One verdict per (target, row of ``OURS`` at a matching shape) on the GPU.
+def evaluate(rows: list[dict], targets: tuple[Target, ...] = TARGETS,
+             device: str = GPU_ONLY) -> list[dict]:
+    """One verdict per (target of ``device``, row of ``OURS`` there at a matching shape).
 
     Each has ``target``, ``row``, ``value`` (the speed-up, or the % of the
     ceiling; None without a baseline row or a ceiling) and ``met``. A target
-    no GPU row matches gets one verdict with ``row`` None.
+    no row of ours matches gets one verdict with ``row`` None.
     """
     verdicts = []
-    for target in targets:
-        matching = [row for row in rows if row.get("device") == GPU_ONLY and target.matches(row)]
+    for target in (t for t in targets if t.device == device):
+        matching = [row for row in rows if row.get("device") == device and target.matches(row)]
         ours = [row for row in matching if row["backend"] in OURS]
         for row in ours:
             value = _value(target, row, matching)
@@ -97,6 +138,12 @@ def evaluate(rows: list[dict], targets: tuple[Target, ...] = TARGETS) -> list[di
 def threshold(target: Target) -> float:
     """The number a verdict's value must reach: the ratio or the percentage."""
     return target.ratio if target.ratio is not None else target.ceiling_pct
+
+
+def format_value(verdict: dict) -> str:
+    """A verdict's value as the target states it: "2.5x" or "85.0%"."""
+    value = verdict["value"]
+    return f"{value:.1f}%" if verdict["target"].ceiling_pct is not None else f"{value:.3g}x"
 
 
 def _value(target: Target, row: dict, matching: list[dict]) -> float | None:

@@ -1,8 +1,10 @@
 """nn.Modules built on vqkernels.ops."""
 from vqkernels.nn.attention import Attention, ReferenceAttention
+from vqkernels.nn.dit import DiTBlock, FinalLayer, ReferenceDiTBlock, ReferenceFinalLayer
 from vqkernels.nn.quantizer import ReferenceVectorQuantizer, VectorQuantizer, code_usage
 from vqkernels.nn.timestep import TimestepEmbedder
 from vqkernels.nn.vector_quantize import ReferenceVectorQuantize, VectorQuantize
 
-__all__ = ["Attention", "ReferenceAttention", "ReferenceVectorQuantize", "ReferenceVectorQuantizer",
+__all__ = ["Attention", "DiTBlock", "FinalLayer", "ReferenceAttention", "ReferenceDiTBlock",
+           "ReferenceFinalLayer", "ReferenceVectorQuantize", "ReferenceVectorQuantizer",
            "TimestepEmbedder", "VectorQuantize", "VectorQuantizer", "code_usage"]

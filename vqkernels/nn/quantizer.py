@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vqkernels import ops
@@ -86,10 +87,14 @@ class _TamingQuantizerBase(nn.Module):
         return z_q, loss, (perplexity, None, indices)
 
     def get_codebook_entry(self, indices: torch.Tensor, shape=None) -> torch.Tensor:
-        """Codes of ``indices``; with ``shape`` (B, H, W, C) returned as (B, C, H, W)."""
+        """Codes of ``indices`` (unit-norm with ``metric="cosine"``, as forward returns them);
+        with ``shape`` (B, H, W, C) returned as (B, C, H, W)."""
         if self.remap is not None:
             indices = self.unmap_to_all(indices.reshape(shape[0], -1)).reshape(-1)
-        z_q = self.embedding(indices)
+        codes = self.embedding.weight
+        if self.metric == "cosine":
+            codes = F.normalize(codes, dim=1)
+        z_q = F.embedding(indices, codes)
         if shape is not None:
             z_q = z_q.view(shape)
             if not self.channel_last:

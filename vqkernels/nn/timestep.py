@@ -12,12 +12,14 @@ class TimestepEmbedder(nn.Module):
 
     Same parameters (``mlp.0.*``, ``mlp.2.*``) and defaults as DiT's
     ``TimestepEmbedder``, so DiT checkpoints load unchanged.
+    ``downscale_freq_shift=1`` gives the frequencies of diffusers' port of DiT.
     """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, *,
-                 backend: str | None = None):
+                 downscale_freq_shift: float = 0.0, backend: str | None = None):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.downscale_freq_shift = downscale_freq_shift
         self.backend = backend
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
@@ -27,5 +29,6 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = ops.timestep_embedding(t, self.frequency_embedding_size,
+                                        downscale_freq_shift=self.downscale_freq_shift,
                                         dtype=self.mlp[0].weight.dtype, backend=self.backend)
         return self.mlp(t_freq)

@@ -19,6 +19,7 @@ import torch
 from vqkernels import _ext
 from vqkernels._dispatch import (Backend, OpDispatch, device_capability,
                                  triton_reasons)
+from vqkernels.ops._layout import unit_inner_stride
 from vqkernels.reference import attention as reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -89,22 +90,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """
     _validate(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, k, v = (_unit_stride_rows(x) for x in (q, k, v))
+    q, k, v = (unit_inner_stride(x) for x in (q, k, v))
     requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     run = DISPATCH.select(backend, q.device, q.dtype, head_dim=q.shape[-1],
                           requires_grad=requires_grad).run
     return run(q, k, v, scale)
-
-
-def _unit_stride_rows(x):
-    """``x``, or one contiguous copy when its last dimension is strided.
-
-    ``clone`` rather than ``contiguous``: an empty tensor counts as contiguous
-    whatever its strides, and the kernels check the last one.
-    """
-    if x.shape[-1] == 1 or x.stride(-1) == 1:
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _validate(q, k, v, scale):
