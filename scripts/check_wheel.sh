@@ -37,20 +37,24 @@ rm -rf "$WORKDIR/venv"
 "$WORKDIR/venv/bin/pip" install -q "${repaired[0]}"
 
 echo "== no compiler on the PATH: info and selftest"
-BARE="$WORKDIR/bare-bin"  # the venv's executables and nothing else
+# PATH holds links to the venv's executables and nothing else. Python itself is
+# run by its path in the venv: through a link elsewhere it would not find the
+# venv's pyvenv.cfg and would run without the venv's packages.
+BARE="$WORKDIR/bare-bin"
 rm -rf "$BARE" && mkdir -p "$BARE" && ln -s "$WORKDIR"/venv/bin/* "$BARE"/
 no_compilers=(env -i HOME="$HOME" PATH="$BARE" LANG=C.UTF-8)
+VENV_PYTHON="$WORKDIR/venv/bin/python"
 for tool in gcc cc c++ g++ clang nvcc; do
-  if "${no_compilers[@]}" "$BARE/python" -c "import shutil, sys; sys.exit(shutil.which('$tool') is None)"; then
+  if "${no_compilers[@]}" "$VENV_PYTHON" -c "import shutil, sys; sys.exit(shutil.which('$tool') is None)"; then
     echo "$tool is on the bare PATH" >&2; exit 1
   fi
 done
-info=$(cd "$WORKDIR" && "${no_compilers[@]}" "$BARE/python" -P -m vqkernels info)
+info=$(cd "$WORKDIR" && "${no_compilers[@]}" "$VENV_PYTHON" -P -m vqkernels info)
 echo "$info" | head -3
 grep -q "C++ CPU kernels: yes" <<<"$info" && grep -q "CUDA kernels: yes" <<<"$info"
-grep -q "from $WORKDIR/venv" <<<"$(cd "$WORKDIR" && "${no_compilers[@]}" "$BARE/python" -P -c \
+grep -q "from $WORKDIR/venv" <<<"$(cd "$WORKDIR" && "${no_compilers[@]}" "$VENV_PYTHON" -P -c \
   'import vqkernels, pathlib; print("from", pathlib.Path(vqkernels.__file__).parent)')"
-(cd "$WORKDIR" && "${no_compilers[@]}" TRITON_INTERPRET=1 "$BARE/python" -P -m vqkernels selftest --device cpu | tail -1)
+(cd "$WORKDIR" && "${no_compilers[@]}" TRITON_INTERPRET=1 "$VENV_PYTHON" -P -m vqkernels selftest --device cpu | tail -1)
 
 echo "== the sdist, and a C++-CPU wheel built from it"
 rm -rf "$WORKDIR/sdist" "$WORKDIR/sdist-wheel"
@@ -60,7 +64,7 @@ echo "${sdists[0]}"
 VQKERNELS_BUILD_CUDA=0 pip wheel -q --no-build-isolation --no-deps --wheel-dir "$WORKDIR/sdist-wheel" "${sdists[0]}"
 from_sdist=("$WORKDIR"/sdist-wheel/vqkernels-*+torch*cpu-*.whl)
 "$WORKDIR/venv/bin/pip" install -q --force-reinstall --no-deps "${from_sdist[0]}"
-info=$(cd "$WORKDIR" && "${no_compilers[@]}" "$BARE/python" -P -m vqkernels info)
+info=$(cd "$WORKDIR" && "${no_compilers[@]}" "$VENV_PYTHON" -P -m vqkernels info)
 echo "$info" | head -3
 grep -q "C++ CPU kernels: yes" <<<"$info"
 echo "== wheel checks passed"
