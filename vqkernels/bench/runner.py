@@ -11,6 +11,7 @@ percentage over 100.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Callable
 
@@ -183,9 +184,14 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool) -> l
     ``case.items`` per second (``items_per_s``; None for a case without items)."""
     rows = []
     for backend, fn in case.fns.items():
-        fn()  # compile / fault pages in before measuring memory
-        peak = peak_memory_bytes(fn, device)
-        seconds = time_seconds(fn, device, quick)
+        try:
+            fn()  # compile / fault pages in before measuring memory
+            peak = peak_memory_bytes(fn, device)
+            seconds = time_seconds(fn, device, quick)
+        except Exception as error:  # one broken backend must not cost the others' rows
+            print(f"bench: {case.op} {case.shape} {backend} failed: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+            continue
         rows.append({"op": case.op, "shape": case.shape, "backend": backend,
                      "device": device.type, "time_us": seconds * 1e6, "bytes": case.bytes,
                      "working_set": case.resident_bytes, "flops": case.flops,
@@ -202,11 +208,20 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool) -> l
 
 def run(cases: list[Case], device: torch.device, ceilings: dict, quick: bool,
         progress: bool | None = None) -> list[dict]:
-    """Rows of every case; a tqdm bar over cases (``None``: only on a terminal)."""
+    """Rows of every case; a tqdm bar over cases (``None``: only on a terminal).
+
+    Interrupted (Ctrl-C, or SIGINT from a timeout), it returns the rows so far, so
+    that a bench cut short still writes what it measured.
+    """
     from tqdm import tqdm
 
     rows = []
-    for case in tqdm(cases, desc="bench", unit="case", disable=None if progress is None
-                     else not progress):
-        rows += run_case(case, device, ceilings, quick)
+    try:
+        for case in tqdm(cases, desc="bench", unit="case", disable=None if progress is None
+                         else not progress):
+            rows += run_case(case, device, ceilings, quick)
+    except KeyboardInterrupt:
+        done = len({(row["op"], row["shape"]) for row in rows})
+        print(f"bench: interrupted after {done} of {len(cases)} cases; "
+              "reporting those", file=sys.stderr)
     return rows
