@@ -61,7 +61,7 @@ def _with_grads(fn, inputs, upstream):
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
     outputs = fn(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    torch.autograd.backward(outputs, [u.to(o.dtype) for u, o in zip(upstream, outputs)])
+    torch.autograd.backward(outputs, [u.to(o.device, o.dtype) for u, o in zip(upstream, outputs)])
     return [o.detach() for o in outputs], [x.grad for x in inputs]
 
 

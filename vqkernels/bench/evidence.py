@@ -181,6 +181,8 @@ def classify(test_id: str, outcome: str) -> TestResult:
     params = name[name.index("[") + 1:-1].split("-") if "[" in name else []
     if "triton" in module or "triton" in params:
         backend = "triton"
+    elif module.endswith("_cuda_kernel"):
+        backend = "cuda"
     elif "reference" in params:
         backend = "reference"
     elif "cuda" in params or "cuda" in name.split("[")[0]:
