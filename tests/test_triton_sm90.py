@@ -102,12 +102,13 @@ COMPILE_ALL = textwrap.dedent(r'''
                 assert "min.NaN.f32" in ptx and "max.NaN.f32" in ptx, "DDIM clamp drops NaN"
                 assert not re.search(r"\b(min|max)\.f32\b", ptx), "a DDIM min/max drops NaN"
     # Attention: forward, delta, dK/dV and dQ with the launcher's configs, bf16 and fp32, head
-    # dims 64, 72 (split 64 + 16) and 128; every one must fit the H100's 227 KiB of shared memory.
+    # dims 64, 72 (a 128-column tile) and 128; every one must fit the H100's 227 KiB of shared
+    # memory.
     for dtype, ptr in ((attention.torch.bfloat16, "*bf16"), (attention.torch.float32, "*fp32")):
         for d in (64, 72, 128):
-            d0, d1 = attention._split_head_dim(d)
             configs = attention._configs(dtype, d)
-            heads = dict(HEAD_DIM=d, D0=d0, D1=d1, ALIGN=8 if ptr == "*bf16" else 4)
+            align = 8 if ptr == "*bf16" else 4
+            heads = dict(HEAD_DIM=d, BLOCK_D=attention._block_d(d), ALIGN=align)
             strides = {f"s{t}_{a}": "i32" for t in ("q", "k", "v", "do") for a in "bhs"}
             backward = dict(strides, H="i32", Sq="i32", Sk="i32", scale="fp32", qk_scale="fp32")
             kernels = (
@@ -118,7 +119,7 @@ COMPILE_ALL = textwrap.dedent(r'''
                 ("delta", attention._attention_delta_kernel,
                  dict(out_ptr=ptr, do_ptr=ptr, delta_ptr="*fp32"),
                  dict({f"s{t}_{a}": "i32" for t in ("o", "do") for a in "bhs"}, H="i32", Sq="i32"),
-                 dict(HEAD_DIM=d, ALIGN=heads["ALIGN"])),
+                 heads),
                 ("dkdv", attention._attention_dkdv_kernel,
                  dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32",
                       delta_ptr="*fp32", dk_ptr=ptr, dv_ptr=ptr), backward, heads),

@@ -29,10 +29,10 @@ def _attention_delta_kernel(
     offs = tl.arange(0, BLOCK_M)
     n = Sq - start_m
     start64 = tl.cast(start_m, tl.int64)
-    o = _load_tile(out_ptr, b * so_b + h * so_h + start64 * so_s, offs, so_s, n, 0, BLOCK_D,
-                   HEAD_DIM, ALIGN, True)
-    do = _load_tile(do_ptr, b * sdo_b + h * sdo_h + start64 * sdo_s, offs, sdo_s, n, 0, BLOCK_D,
-                    HEAD_DIM, ALIGN, True)
+    o = _load_tile(out_ptr, b * so_b + h * so_h + start64 * so_s, offs, so_s, n, HEAD_DIM,
+                   BLOCK_D, ALIGN, True)
+    do = _load_tile(do_ptr, b * sdo_b + h * sdo_h + start64 * sdo_s, offs, sdo_s, n, HEAD_DIM,
+                    BLOCK_D, ALIGN, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + (b * H + h) * Sq + start_m + offs, delta, mask=offs < n)
 
@@ -51,34 +51,29 @@ def _row_stats(lse_ptr, delta_ptr, row, offs, n, MASK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tile(k0, k1, v0, v1, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, n_k, dk0, dk1, dv0, dv1,
-               q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, lse_ptr, delta_ptr, stat_row, start,
-               Sq, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-               ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK: tl.constexpr):
+def _dkdv_tile(k, v, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, n_k, dk, dv, q_ptr, q_base, sq_s,
+               do_ptr, do_base, sdo_s, lse_ptr, delta_ptr, stat_row, start, Sq, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """Fold queries [start, start + BLOCK_M) into dK, dV of this key block (transposed P, dS)."""
     offs = tl.arange(0, BLOCK_M)
     n = Sq - start
-    s_t, dp_t, q0, q1, do0, do1 = _stream_products(
-        k0, k1, k_ptr, k_base, sk_s, v0, v1, v_ptr, v_base, sv_s, n_k, q_ptr, q_base, sq_s,
-        do_ptr, do_base, sdo_s, start, offs, n, HEAD_DIM, D0, D1, ALIGN, BLOCK_N, MASK)
+    s_t, dp_t, q, do = _stream_products(
+        k, k_ptr, k_base, sk_s, v, v_ptr, v_base, sv_s, n_k, q_ptr, q_base, sq_s,
+        do_ptr, do_base, sdo_s, start, offs, n, HEAD_DIM, BLOCK_D, ALIGN, BLOCK_N, MASK)
     lse2, delta = _row_stats(lse_ptr, delta_ptr, stat_row + start, offs, n, MASK)
     p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
-    p_t = p_t.to(do0.dtype)
-    dv0 = _dot(p_t, do0, dv0)
-    dk0 = _dot(ds_t, q0, dk0)
-    if D1 > 0:
-        dv1 = _dot(p_t, do1, dv1)
-        dk1 = _dot(ds_t, q1, dk1)
-    return dk0, dk1, dv0, dv1
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dv = _dot(p_t.to(do.dtype), do, dv)
+    dk = _dot(ds_t, q, dk)
+    return dk, dv
 
 
 @triton.jit
 def _attention_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, sq_b, sq_h, sq_s,
     sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s, H, Sq, Sk, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys j of head (b, h), over all Sq queries i::
@@ -93,60 +88,55 @@ def _attention_dkdv_kernel(
     start_n, b, h = _program(Sk, H, BLOCK_N)
     offs = tl.arange(0, BLOCK_N)
     n = Sk - start_n
-    k_base, k0, k1 = _block_rows(k_ptr, b, h, start_n, sk_b, sk_h, sk_s, n, HEAD_DIM, D0, D1,
-                                 ALIGN, BLOCK_N)
-    v_base, v0, v1 = _block_rows(v_ptr, b, h, start_n, sv_b, sv_h, sv_s, n, HEAD_DIM, D0, D1,
-                                 ALIGN, BLOCK_N)
-    dk0 = tl.zeros((BLOCK_N, D0), tl.float32)
-    dv0 = tl.zeros((BLOCK_N, D0), tl.float32)
-    dk1 = tl.zeros((BLOCK_N, D1), tl.float32) if D1 > 0 else 0.0
-    dv1 = tl.zeros((BLOCK_N, D1), tl.float32) if D1 > 0 else 0.0
+    k_base, k = _block_rows(k_ptr, b, h, start_n, sk_b, sk_h, sk_s, n, HEAD_DIM, BLOCK_D, ALIGN,
+                            BLOCK_N)
+    v_base, v = _block_rows(v_ptr, b, h, start_n, sv_b, sv_h, sv_s, n, HEAD_DIM, BLOCK_D, ALIGN,
+                            BLOCK_N)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     q_base = b * sq_b + h * sq_h
     do_base = b * sdo_b + h * sdo_h
     stat_row = (b * H + h) * Sq
     full = (Sq // BLOCK_M) * BLOCK_M
     for start in _interpreter.runtime_range(0, full, BLOCK_M):
-        dk0, dk1, dv0, dv1 = _dkdv_tile(
-            k0, k1, v0, v1, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, n, dk0, dk1, dv0, dv1,
-            q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, lse_ptr, delta_ptr, stat_row, start,
-            Sq, qk_scale, HEAD_DIM, D0, D1, ALIGN, BLOCK_M, BLOCK_N, False)
+        dk, dv = _dkdv_tile(
+            k, v, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, n, dk, dv, q_ptr, q_base, sq_s,
+            do_ptr, do_base, sdo_s, lse_ptr, delta_ptr, stat_row, start, Sq, qk_scale,
+            HEAD_DIM, BLOCK_D, ALIGN, BLOCK_M, BLOCK_N, False)
     if full < Sq:
-        dk0, dk1, dv0, dv1 = _dkdv_tile(
-            k0, k1, v0, v1, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, n, dk0, dk1, dv0, dv1,
-            q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, lse_ptr, delta_ptr, stat_row, full, Sq,
-            qk_scale, HEAD_DIM, D0, D1, ALIGN, BLOCK_M, BLOCK_N, True)
+        dk, dv = _dkdv_tile(
+            k, v, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, n, dk, dv, q_ptr, q_base, sq_s,
+            do_ptr, do_base, sdo_s, lse_ptr, delta_ptr, stat_row, full, Sq, qk_scale,
+            HEAD_DIM, BLOCK_D, ALIGN, BLOCK_M, BLOCK_N, True)
 
     out_base = ((b * H + h) * Sk + start_n) * HEAD_DIM
-    _store_rows(dk_ptr, out_base, offs, n, dk0, dk1, scale, HEAD_DIM, D0, D1, ALIGN)
-    _store_rows(dv_ptr, out_base, offs, n, dv0, dv1, 1.0, HEAD_DIM, D0, D1, ALIGN)
+    _store_rows(dk_ptr, out_base, offs, n, dk * scale, HEAD_DIM, BLOCK_D, ALIGN)
+    _store_rows(dv_ptr, out_base, offs, n, dv, HEAD_DIM, BLOCK_D, ALIGN)
 
 
 @triton.jit
-def _dq_tile(q0, q1, do0, do1, q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, n_q, lse2, delta,
-             dq0, dq1, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, start, Sk, qk_scale,
-             HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+def _dq_tile(q, do, q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, n_q, lse2, delta, dq,
+             k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, start, Sk, qk_scale,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """Fold keys [start, start + BLOCK_N) into dQ of this query block."""
     offs = tl.arange(0, BLOCK_N)
     n = Sk - start
-    s, dp, k0, k1, _, _ = _stream_products(
-        q0, q1, q_ptr, q_base, sq_s, do0, do1, do_ptr, do_base, sdo_s, n_q, k_ptr, k_base, sk_s,
-        v_ptr, v_base, sv_s, start, offs, n, HEAD_DIM, D0, D1, ALIGN, BLOCK_M, MASK)
+    s, dp, k, _ = _stream_products(
+        q, q_ptr, q_base, sq_s, do, do_ptr, do_base, sdo_s, n_q, k_ptr, k_base, sk_s,
+        v_ptr, v_base, sv_s, start, offs, n, HEAD_DIM, BLOCK_D, ALIGN, BLOCK_M, MASK)
     p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASK:
         p = tl.where((offs < n)[None, :], p, 0.0)
-    ds = (p * (dp - delta[:, None])).to(k0.dtype)
-    dq0 = _dot(ds, k0, dq0)
-    if D1 > 0:
-        dq1 = _dot(ds, k1, dq1)
-    return dq0, dq1
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    return _dot(ds, k, dq)
 
 
 @triton.jit
 def _attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, sq_b, sq_h, sq_s,
     sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s, H, Sq, Sk, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of BLOCK_M queries i of head (b, h), over all Sk keys j::
@@ -160,26 +150,23 @@ def _attention_dq_kernel(
     start_m, b, h = _program(Sq, H, BLOCK_M)
     offs = tl.arange(0, BLOCK_M)
     n = Sq - start_m
-    q_base, q0, q1 = _block_rows(q_ptr, b, h, start_m, sq_b, sq_h, sq_s, n, HEAD_DIM, D0, D1,
-                                 ALIGN, BLOCK_M)
-    do_base, do0, do1 = _block_rows(do_ptr, b, h, start_m, sdo_b, sdo_h, sdo_s, n, HEAD_DIM, D0,
-                                    D1, ALIGN, BLOCK_M)
-    dq0 = tl.zeros((BLOCK_M, D0), tl.float32)
-    dq1 = tl.zeros((BLOCK_M, D1), tl.float32) if D1 > 0 else 0.0
+    q_base, q = _block_rows(q_ptr, b, h, start_m, sq_b, sq_h, sq_s, n, HEAD_DIM, BLOCK_D, ALIGN,
+                            BLOCK_M)
+    do_base, do = _block_rows(do_ptr, b, h, start_m, sdo_b, sdo_h, sdo_s, n, HEAD_DIM, BLOCK_D,
+                              ALIGN, BLOCK_M)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     row = (b * H + h) * Sq + start_m
     lse2, delta = _row_stats(lse_ptr, delta_ptr, row, offs, n, True)
     k_base = b * sk_b + h * sk_h
     v_base = b * sv_b + h * sv_h
     full = (Sk // BLOCK_N) * BLOCK_N
     for start in _interpreter.runtime_range(0, full, BLOCK_N):
-        dq0, dq1 = _dq_tile(
-            q0, q1, do0, do1, q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, n, lse2, delta,
-            dq0, dq1, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, start, Sk, qk_scale,
-            HEAD_DIM, D0, D1, ALIGN, BLOCK_M, BLOCK_N, False)
+        dq = _dq_tile(q, do, q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, n, lse2, delta, dq,
+                      k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, start, Sk, qk_scale,
+                      HEAD_DIM, BLOCK_D, ALIGN, BLOCK_M, BLOCK_N, False)
     if full < Sk:
-        dq0, dq1 = _dq_tile(
-            q0, q1, do0, do1, q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, n, lse2, delta,
-            dq0, dq1, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, full, Sk, qk_scale,
-            HEAD_DIM, D0, D1, ALIGN, BLOCK_M, BLOCK_N, True)
+        dq = _dq_tile(q, do, q_ptr, q_base, sq_s, do_ptr, do_base, sdo_s, n, lse2, delta, dq,
+                      k_ptr, k_base, sk_s, v_ptr, v_base, sv_s, full, Sk, qk_scale,
+                      HEAD_DIM, BLOCK_D, ALIGN, BLOCK_M, BLOCK_N, True)
 
-    _store_rows(dq_ptr, row * HEAD_DIM, offs, n, dq0, dq1, scale, HEAD_DIM, D0, D1, ALIGN)
+    _store_rows(dq_ptr, row * HEAD_DIM, offs, n, dq * scale, HEAD_DIM, BLOCK_D, ALIGN)

@@ -17,24 +17,18 @@ _LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 
 
 @triton.jit
-def _forward_tile(q0, q1, q_ptr, q_base, sq_s, n_q, acc0, acc1, m_i, l_i, k_ptr, k_base, sk_s,
-                  v_ptr, v_base, sv_s, start, Sk, qk_scale, HEAD_DIM: tl.constexpr,
-                  D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+def _forward_tile(q, q_ptr, q_base, sq_s, n_q, acc, m_i, l_i, k_ptr, k_base, sk_s, v_ptr, v_base,
+                  sv_s, start, Sk, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK: tl.constexpr):
     """Fold keys [start, start + BLOCK_N) into the running (acc, max, sum); MASK: the tail."""
     if q_ptr.dtype.element_ty == tl.float32:
-        q0, q1 = _reload(q_ptr, q_base, sq_s, n_q, HEAD_DIM, D0, D1, ALIGN, BLOCK_M)
+        q = _reload(q_ptr, q_base, sq_s, n_q, HEAD_DIM, BLOCK_D, ALIGN, BLOCK_M)
     offs = tl.arange(0, BLOCK_N)
     n = Sk - start
     start64 = tl.cast(start, tl.int64)
-    k_base += start64 * sk_s
-    v_base += start64 * sv_s
-    k0 = _load_tile(k_ptr, k_base, offs, sk_s, n, 0, D0, HEAD_DIM, ALIGN, MASK)
-    s = _dot(q0, tl.trans(k0), tl.zeros((BLOCK_M, BLOCK_N), tl.float32))
-    if D1 > 0:
-        k1 = _load_tile(k_ptr, k_base, offs, sk_s, n, D0, D1, HEAD_DIM, ALIGN, MASK)
-        s = _dot(q1, tl.trans(k1), s)
-    s = s * qk_scale
+    k = _load_tile(k_ptr, k_base + start64 * sk_s, offs, sk_s, n, HEAD_DIM, BLOCK_D, ALIGN, MASK)
+    s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32)) * qk_scale
     if MASK:
         s = tl.where((offs < n)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -43,19 +37,16 @@ def _forward_tile(q0, q1, q_ptr, q_base, sq_s, n_q, acc0, acc1, m_i, l_i, k_ptr,
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v0 = _load_tile(v_ptr, v_base, offs, sv_s, n, 0, D0, HEAD_DIM, ALIGN, MASK)
-    acc0 = _dot(p.to(v0.dtype), v0, acc0 * alpha[:, None])
-    if D1 > 0:
-        v1 = _load_tile(v_ptr, v_base, offs, sv_s, n, D0, D1, HEAD_DIM, ALIGN, MASK)
-        acc1 = _dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
-    return acc0, acc1, m_new, l_i
+    v = _load_tile(v_ptr, v_base + start64 * sv_s, offs, sv_s, n, HEAD_DIM, BLOCK_D, ALIGN, MASK)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
     H, Sq, Sk, qk_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """BLOCK_M query rows i of head (b, h) against all Sk keys j (qk_scale = scale log2 e)::
@@ -64,7 +55,7 @@ def _attention_forward_kernel(
         acc  = 2^(m - m') acc + sum_j 2^(s_ij - m') v_j,  l = 2^(m - m') l + sum_j 2^(s_ij - m')
         out_i = acc / l,   lse_i = ln 2 (m + log2 l)   (= ln sum_j exp(scale q_i . k_j))
 
-    FLOPs: 4 B H Sq Sk d (two matmuls; the split computes on D0 + D1 >= d
+    FLOPs: 4 B H Sq Sk d (two matmuls; the tensor cores run BLOCK_D >= d
     columns). Bytes: reads B H (Sq + 2 cdiv(Sq, BLOCK_M) Sk) d s (K and V
     once per query block, mostly from L2), writes B H Sq (d s + 4);
     s = sizeof(dtype). Compute-bound for Sq, Sk >~ 64.
@@ -72,24 +63,22 @@ def _attention_forward_kernel(
     start_m, b, h = _program(Sq, H, BLOCK_M)
     offs = tl.arange(0, BLOCK_M)
     n = Sq - start_m
-    q_base, q0, q1 = _block_rows(q_ptr, b, h, start_m, sq_b, sq_h, sq_s, n, HEAD_DIM, D0, D1,
-                                 ALIGN, BLOCK_M)
-    acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
-    acc1 = tl.zeros((BLOCK_M, D1), tl.float32) if D1 > 0 else 0.0
+    q_base, q = _block_rows(q_ptr, b, h, start_m, sq_b, sq_h, sq_s, n, HEAD_DIM, BLOCK_D, ALIGN,
+                            BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     k_base = b * sk_b + h * sk_h
     v_base = b * sv_b + h * sv_h
     full = (Sk // BLOCK_N) * BLOCK_N
     for start in _interpreter.runtime_range(0, full, BLOCK_N):
-        acc0, acc1, m_i, l_i = _forward_tile(
-            q0, q1, q_ptr, q_base, sq_s, n, acc0, acc1, m_i, l_i, k_ptr, k_base, sk_s,
-            v_ptr, v_base, sv_s, start, Sk, qk_scale, HEAD_DIM, D0, D1, ALIGN, BLOCK_M,
-            BLOCK_N, False)
+        acc, m_i, l_i = _forward_tile(
+            q, q_ptr, q_base, sq_s, n, acc, m_i, l_i, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s,
+            start, Sk, qk_scale, HEAD_DIM, BLOCK_D, ALIGN, BLOCK_M, BLOCK_N, False)
     if full < Sk:
-        acc0, acc1, m_i, l_i = _forward_tile(
-            q0, q1, q_ptr, q_base, sq_s, n, acc0, acc1, m_i, l_i, k_ptr, k_base, sk_s, v_ptr,
-            v_base, sv_s, full, Sk, qk_scale, HEAD_DIM, D0, D1, ALIGN, BLOCK_M, BLOCK_N, True)
+        acc, m_i, l_i = _forward_tile(
+            q, q_ptr, q_base, sq_s, n, acc, m_i, l_i, k_ptr, k_base, sk_s, v_ptr, v_base, sv_s,
+            full, Sk, qk_scale, HEAD_DIM, BLOCK_D, ALIGN, BLOCK_M, BLOCK_N, True)
 
     # l_ok is false only for a row of -inf logits: softmax is 0 / 0 there, so out is NaN
     # (as torch.softmax and the other backends give), lse -inf.
@@ -97,6 +86,5 @@ def _attention_forward_kernel(
     inv_l = tl.where(l_ok, 1.0 / tl.where(l_ok, l_i, 1.0), float("nan"))
     lse = tl.where(l_ok, m_i * _LN2 + _math.log(tl.where(l_ok, l_i, 1.0)), float("-inf"))
     row = (b * H + h) * Sq + start_m
-    _store_rows(out_ptr, row * HEAD_DIM, offs, n, acc0, acc1, inv_l[:, None], HEAD_DIM, D0, D1,
-                ALIGN)
+    _store_rows(out_ptr, row * HEAD_DIM, offs, n, acc * inv_l[:, None], HEAD_DIM, BLOCK_D, ALIGN)
     tl.store(lse_ptr + row + offs, lse, mask=offs < n)

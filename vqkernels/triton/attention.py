@@ -1,14 +1,18 @@
 """Non-causal scaled dot-product attention: launchers of the Triton kernels (FlashAttention-2
 style; math in vqkernels/reference/attention.py::attention_lse).
 
-Block shapes must be powers of two, and padding d = 72 to 128 would waste 44%
-of the FLOPs, so the head dim is split into a power-of-two main part and a
-small remainder, d <= D0 + D1 (72 -> 64 + 16, the last 8 columns masked):
-q k^T = q0 k0^T + q1 k1^T and every output is two accumulators. Exponentials
-are base 2 (the scale carries log2 e); lse is stored in natural log. fp32 dots
-are IEEE; fp16 / bf16 dot operands stay in the input dtype (P and dS too),
-accumulating in fp32. Inputs are read through their strides (DiT's permuted
-views of a packed qkv tensor need no copy); the last stride must be 1.
+Block shapes must be powers of two, so a head of width d is one tile of
+BLOCK_D = the next power of two >= 16, the columns past d masked (d = 72 runs
+128 columns). Splitting d into a power-of-two part and a remainder (72 = 64 + 16,
+each product two chained dots) saves those FLOPs, but Triton 3.6 miscompiles it
+on sm_90: wrong outputs and gradients and out-of-range shared-memory accesses
+for every split width tried (d = 40 to 96, fp16 and bf16), while the padded tile
+was correct, memcheck-clean and no slower (133 us against 144 us at
+(64, 16, 256, 72) bf16; H200, 2026-12-04, benchmarks/results/2026-12-04-h200).
+Exponentials are base 2 (the scale carries log2 e); lse is stored in natural
+log. fp32 dots are IEEE; fp16 / bf16 dot operands stay in the input dtype (P
+and dS too), accumulating in fp32. Inputs are read through their strides (DiT's
+permuted views of a packed qkv tensor need no copy); the last stride must be 1.
 """
 from __future__ import annotations
 
@@ -25,11 +29,9 @@ from vqkernels.triton._attention_forward import _attention_forward_kernel
 _LOG2E = math.log2(math.e)
 
 
-def _split_head_dim(d: int) -> tuple[int, int]:
-    """(D0, D1): D0 the largest power of two <= d (>= 16), D1 the rest as a power of two >= 16."""
-    d0 = max(16, 1 << (d.bit_length() - 1))
-    rest = d - d0
-    return d0, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
+def _block_d(d: int) -> int:
+    """The column tile of a head of width d: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(d))
 
 
 def _cfg(block_m, block_n, num_warps, num_stages):
@@ -37,7 +39,7 @@ def _cfg(block_m, block_n, num_warps, num_stages):
 
 
 def _configs(dtype: torch.dtype, d: int) -> dict[str, dict]:
-    """Launch config of each kernel (``forward``, ``delta``, ``dkdv``, ``dq``); width = D0 + D1.
+    """Launch config of each kernel (``forward``, ``delta``, ``dkdv``, ``dq``); width = BLOCK_D.
 
     Half dtypes: the forward is FlashAttention-2's 128 x 64 tile in 8 warps
     (two wgmma warpgroups) with a 3-stage K/V pipeline; the backward holds two
@@ -46,10 +48,9 @@ def _configs(dtype: torch.dtype, d: int) -> dict[str, dict]:
     and registers. fp32 dots run on the CUDA cores (IEEE), their operands held
     in registers replicated per thread: small tiles.
     """
-    d0, d1 = _split_head_dim(d)
-    width = d0 + d1
+    width = _block_d(d)
     if dtype == torch.float32:
-        if width <= 96:
+        if width <= 64:
             fwd, dkdv, dq = _cfg(64, 32, 8, 3), _cfg(32, 32, 8, 2), _cfg(32, 32, 8, 2)
         elif width <= 128:
             fwd, dkdv, dq = _cfg(32, 32, 8, 2), _cfg(16, 16, 4, 2), _cfg(16, 16, 4, 2)
@@ -60,8 +61,7 @@ def _configs(dtype: torch.dtype, d: int) -> dict[str, dict]:
         fwd, dkdv, dq = _cfg(128, 64, 8, 3), _cfg(64, 64, warps, 2), _cfg(64, 64, warps, 2)
     else:
         fwd, dkdv, dq = _cfg(128, 32, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 32, 8, 2)
-    block_d = max(16, triton.next_power_of_2(d))
-    delta = dict(BLOCK_M=max(16, 4096 // block_d), BLOCK_D=block_d, num_warps=4, num_stages=1)
+    delta = dict(BLOCK_M=max(16, 4096 // width), num_warps=4, num_stages=1)
     return dict(forward=fwd, delta=delta, dkdv=dkdv, dq=dq)
 
 
@@ -92,13 +92,13 @@ def attention_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    d0, d1 = _split_head_dim(d)
     cfg = _configs(q.dtype, d)["forward"]
     grid = (b * h * triton.cdiv(sq, cfg["BLOCK_M"]),)
     with _device.on_device(q):
         _attention_forward_kernel[grid](
             q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), h, sq, sk,
-            scale * _LOG2E, HEAD_DIM=d, D0=d0, D1=d1, ALIGN=_alignment(q, k, v, out), **cfg)
+            scale * _LOG2E, HEAD_DIM=d, BLOCK_D=_block_d(d), ALIGN=_alignment(q, k, v, out),
+            **cfg)
     return out, lse
 
 
@@ -118,18 +118,16 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float
         # No queries: the gradients of k and v are sums over nothing.
         return grad_q, grad_k.zero_(), grad_v.zero_()
     lse = lse.contiguous()
-    d0, d1 = _split_head_dim(d)
     cfgs = _configs(q.dtype, d)
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     inputs = (q, k, v, grad_out)
     align = _alignment(*inputs, out, grad_q)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
-    constants = dict(HEAD_DIM=d, D0=d0, D1=d1, ALIGN=align)
+    constants = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), ALIGN=align)
     with _device.on_device(q):
         cfg = cfgs["delta"]
         _attention_delta_kernel[(b * h * triton.cdiv(sq, cfg["BLOCK_M"]),)](
-            out, grad_out, delta, *_strides(out), *_strides(grad_out), h, sq, HEAD_DIM=d,
-            ALIGN=align, **cfg)
+            out, grad_out, delta, *_strides(out), *_strides(grad_out), h, sq, **constants, **cfg)
         cfg = cfgs["dkdv"]
         _attention_dkdv_kernel[(b * h * triton.cdiv(sk, cfg["BLOCK_N"]),)](
             *inputs, lse, delta, grad_k, grad_v, *strides, h, sq, sk, scale, scale * _LOG2E,
