@@ -8,7 +8,7 @@
 # out does not stop the rest:
 #   nvidia-smi (15) -> build (180: pip install --no-build-isolation --no-deps -e .)
 #   -> python -m vqkernels info (30) -> selftest --device cuda (60)
-#   -> pytest -m cuda (150, junit XML) -> compute-sanitizer memcheck on SANITIZER_K (90)
+#   -> pytest -m cuda (240, junit XML) -> compute-sanitizer memcheck on SANITIZER_K (90)
 #   -> the GPU benchmarks, quick (120) -> summary (python -m vqkernels.bench.summary).
 # A step gets at most what is left of GPU_CHECK_BUDGET_S once the summary's share is set
 # aside; with nothing left it is "not run". A timeout sends SIGINT first (pytest still
@@ -34,7 +34,7 @@
 #                           the rows that matter most)
 #   TORCH_CUDA_ARCH_LIST    (default 9.0); MAX_JOBS (default: the number of cores)
 #   GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers of the cuda tests, where xdist is
-#                           installed (default 8)
+#                           installed (default 14)
 #   SANITIZER_K             pytest -k expression run under memcheck (default: odd-shape
 #                           parity tests of every kernel, CUDA and Triton, ~45 tests)
 #   COMPUTE_SANITIZER       compute-sanitizer binary (default: on PATH, else under
@@ -144,10 +144,12 @@ gpu_steps() {
         pytest_args+=(--timeout=60)  # one hung test then costs a minute, not the step
     fi
     if "$PYTHON" -c 'import xdist' 2>/dev/null; then
-        # ~1000 tests, mostly bound by Triton's JIT: spread the compiling over the cores.
-        pytest_args+=(-n "${GPU_CHECK_PYTEST_WORKERS:-8}")
+        # ~2300 tests, mostly bound by Triton's JIT: spread the compiling over the cores
+        # (on the H200's 16, 8 workers ran 1217 of them in 150 s). A test whose kernel
+        # faults ends its worker and xdist starts another (tests/conftest.py).
+        pytest_args+=(-n "${GPU_CHECK_PYTEST_WORKERS:-14}")
     fi
-    step pytest-cuda 150 "$LOGS/pytest_cuda.log" env PYTHONUNBUFFERED=1 \
+    step pytest-cuda 240 "$LOGS/pytest_cuda.log" env PYTHONUNBUFFERED=1 \
         "$PYTHON" -m pytest "${pytest_args[@]}" --junitxml="$OUTDIR/pytest_cuda.xml"
     if [[ -x "$COMPUTE_SANITIZER" ]]; then
         # Without the caching allocator every tensor is its own allocation, so memcheck sees

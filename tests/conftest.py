@@ -15,7 +15,7 @@ if not HAS_GPU:
 
 import pytest  # noqa: E402
 
-from helpers import INTERPRETER  # noqa: E402  (reads TRITON_INTERPRET, set just above)
+from helpers import INTERPRETER, breaks_cuda_context  # noqa: E402  (reads TRITON_INTERPRET)
 
 
 SOURCE_TREE = Path(__file__).resolve().parent.parent
@@ -57,3 +57,15 @@ def generator():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under pytest-xdist, a test whose kernel faulted ends its worker, so xdist reports that
+    test as crashed and starts a fresh worker: a faulted CUDA context fails every later
+    call in its process, which would bury the one real failure under hundreds."""
+    yield
+    if (call.when == "call" and call.excinfo is not None
+            and os.environ.get("PYTEST_XDIST_WORKER")
+            and breaks_cuda_context(call.excinfo.value)):
+        os._exit(70)

@@ -58,3 +58,14 @@ def assert_close(actual, expected, what, atol=1e-12, rtol=1e-12):
     assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (
         f"{what}: max abs error {err:.3g}\nactual   {actual}\nexpected {expected}"
     )
+
+
+# CUDA errors after which every later call in the process fails (a sticky context error).
+STICKY_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "misaligned address",
+                      "illegal instruction", "device-side assert")
+
+
+def breaks_cuda_context(error: BaseException) -> bool:
+    """Did ``error`` leave this process's CUDA context unusable?"""
+    message = str(error)
+    return "CUDA error" in message and any(phrase in message for phrase in STICKY_CUDA_ERRORS)

@@ -245,3 +245,15 @@ def test_test_modules_map_to_their_op_family():
                 "test_ddim": "ddim", "test_reference_adaln": "adaln", "test_dit_block": "adaln",
                 "test_layouts": "other"}
     assert {m: family_of_module(m) for m in expected} == expected
+
+
+def test_a_faulted_cuda_context_is_told_from_an_ordinary_failure():
+    """conftest ends an xdist worker on these (seen on the H200, 2026-12-04), not on others."""
+    from helpers import breaks_cuda_context
+
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered\n"
+                         "Search for `cudaErrorIllegalAddress' in https://docs.nvidia.com/...")
+    assert breaks_cuda_context(fault)
+    assert not breaks_cuda_context(RuntimeError(
+        "CUDA error: CUBLAS_STATUS_INTERNAL_ERROR when calling `cublasCreate(handle)`"))
+    assert not breaks_cuda_context(AssertionError("attention forward: max error 6.3e-01"))
