@@ -57,7 +57,7 @@ PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 SANITIZER_K="${SANITIZER_K:-test_parity_options or test_empty_batch_and_single_code or test_nearest_code_random_data and 31-64-33 or test_nearest_code_with_stats and False- and float32 and (97-13-7 or 50-300-5) or test_code_counts_and_sums_match_reference and 61-7-255 or test_ema_update_matches_float64_reference and torch.bfloat16-torch.float32-61-7-255 or test_parity_odd_shapes or test_in_kernel_noise and float32 or test_parity_cross_attention and 1-70 or test_strided_packed_qkv and bfloat16 or test_parity_unaligned_views and bfloat16 or test_out_of_range_device_timestep or test_strided_views_are_read_in_place and gated_residual_layer_norm or test_parity and 1x3x1153 and per-sample and gated_residual_layer_norm and bfloat16}"
 COMPUTE_SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer ||
     echo /usr/local/cuda/bin/compute-sanitizer)}"
-BENCH_ORDER="search ema attention adaln ddim timestep quantizer models"
+BENCH_ORDER="search ema attention adaln ddim timestep quantizer rvq models"
 FILES=(summary.md bench.json bench.png pytest_cuda.xml logs.tar.gz)
 # 1x1 white PNG: the stand-in plot when Python itself cannot write one.
 BLANK_PNG_B64="iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"

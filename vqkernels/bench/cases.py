@@ -31,6 +31,7 @@ OP_MODULES = {
     "ema": "vqkernels.bench.ema",
     "models": "vqkernels.bench.models",
     "quantizer": "vqkernels.bench.quantizer",
+    "rvq": "vqkernels.bench.rvq",
     "search": "vqkernels.bench.search",
     "timestep": "vqkernels.bench.timestep",
 }

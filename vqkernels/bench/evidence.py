@@ -16,7 +16,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FAMILIES = ("timestep", "search", "ema", "quantizer", "ddim", "attention", "adaln", "models")
+FAMILIES = ("timestep", "search", "ema", "quantizer", "rvq", "ddim", "attention", "adaln",
+            "models")
 STEP_STATUSES = ("ok", "failed", "timed out", "not run")
 # test module prefix -> op family (test_reference_X counts as test_X; test_search_kernels
 # as test_search); modules that match none count as "other".
@@ -24,6 +25,7 @@ TEST_FAMILIES = {
     "test_timestep": "timestep", "test_search": "search",
     "test_ema": "ema", "test_kmeans": "ema", "test_distributed": "ema",
     "test_quantizer": "quantizer", "test_vector_quantize": "quantizer",
+    "test_residual_vq": "rvq",
     "test_ddim": "ddim", "test_sampler": "ddim", "test_scheduler": "ddim",
     "test_attention": "attention", "test_adaln": "adaln", "test_dit_block": "adaln",
     "test_dit_model": "models", "test_dit_diffusers": "models", "test_vqgan": "models",

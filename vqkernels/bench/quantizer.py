@@ -60,11 +60,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
 def train_step(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor,
                loss_at: int) -> None:
-    """One forward + backward; ``loss_at``: where the module's output tuple holds the loss."""
+    """One forward + backward; ``loss_at``: where the module's output tuple holds the loss
+    (or one loss per stage, summed)."""
     x.grad = None
     module.zero_grad(set_to_none=True)
     out = module(x)
-    ((out[0] * upstream).sum() + out[loss_at]).backward()
+    ((out[0] * upstream).sum() + out[loss_at].sum()).backward()
 
 
 def _batch(shape, device):

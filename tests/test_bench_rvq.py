@@ -1,0 +1,23 @@
+"""The rvq bench family builds runnable cases whose label, bytes and FLOPs follow the shape."""
+import pytest
+import torch
+
+from vqkernels.bench import rvq
+from vqkernels.bench.cases import REFERENCE
+
+
+def test_train_case_runs_both_modules_on_the_same_codebooks():
+    pytest.importorskip("vector_quantize_pytorch")
+    case = rvq._train_case(torch.device("cpu"), 3, 16, 8, 2, 20)
+    assert case.op == "rvq" and case.shape == "train-Q3xN40xK16xD8"
+    assert case.flops == 2 * 3 * 40 * 16 * 8 and set(case.fns) == {REFERENCE, "vqkernels"}
+    for fn in case.fns.values():
+        fn()
+    modules = [fn.args[0] for fn in case.fns.values()]
+    for key, value in modules[0].state_dict().items():  # one EMA step each, from one start
+        torch.testing.assert_close(modules[1].state_dict()[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_the_family_is_empty_without_vector_quantize_pytorch(monkeypatch):
+    monkeypatch.setattr(rvq.importlib.util, "find_spec", lambda name: None)
+    assert rvq.cases(torch.device("cpu"), quick=True) == []
