@@ -141,3 +141,30 @@ def vector_quantize(
 
     z_q = z_c + (zq - z_c).detach()
     return z_q.to(z.dtype), loss, indices
+
+
+def residual_nearest_code(
+    z: torch.Tensor, codebooks, metric: str = "l2"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual quantization of the rows of z by Q codebooks in turn.
+
+    For z (N, D) and codebooks e^0 .. e^(Q-1) (each (K_q, D))::
+
+        r_0 = z,   i_q = nearest_code(r_q, e^q, metric),   r_(q+1) = r_q - e^q[i_q]
+        quantized = sum_q e^q[i_q]
+
+    Residuals and the sum in the compute dtype (float64 if an input is
+    float64, else float32). Returns ``indices`` (N, Q) int64 and ``quantized``
+    (N, D) in z's dtype.
+    """
+    dtype = _compute_dtype(z, *codebooks)
+    residual = z.to(dtype)
+    quantized = torch.zeros_like(residual)
+    indices = []
+    for codebook in codebooks:
+        ind, _ = nearest_code(residual, codebook, metric)
+        codes = codebook.to(dtype).index_select(0, ind)
+        residual = residual - codes
+        quantized = quantized + codes
+        indices.append(ind)
+    return torch.stack(indices, dim=1), quantized.to(z.dtype)
