@@ -48,6 +48,17 @@ def test_cosine_search_of_non_finite_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_search_of_non_finite_rows(backend):
+    books = [CODES, CODES[[2, 0, 1]] / 4]
+    z = torch.tensor([[NAN, 0.0], [1.2, 0.7], [INF, 0.0], [2.1, 2.0]])
+    indices, quantized = ops.residual_nearest_code(z, books, backend=backend)
+    finite = ops.residual_nearest_code(z[[1, 3]], books, backend=backend)
+    assert indices[[0, 2]].eq(0).all()
+    assert torch.equal(quantized[[0, 2]], (books[0][0] + books[1][0]).expand(2, 2))
+    assert torch.equal(indices[[1, 3]], finite[0]) and torch.equal(quantized[[1, 3]], finite[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vector_quantize_propagates_nan(backend):
     z = torch.tensor([[NAN, 0.0], [0.9, 1.1]])
     z_q, loss, indices = ops.vector_quantize(z, CODES, backend=backend)

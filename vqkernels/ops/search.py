@@ -174,8 +174,10 @@ def _normalize(x):
 
 def _sqnorm(codebook):
     """||e_k||^2 in float32 (float64 for float64), computed once per call without a K x D temp."""
-    dtype = torch.float64 if codebook.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(codebook, dim=1, dtype=dtype).square()
+    if codebook.dtype in (torch.float32, torch.float64):
+        # Without dtype=: on a CPU the dtype= reduction ran 70x slower (1.3 ms at 1024 x 128).
+        return torch.linalg.vector_norm(codebook, dim=1).square()
+    return torch.linalg.vector_norm(codebook, dim=1, dtype=torch.float32).square()
 
 
 def _validate(z, codebook, metric, precision):
