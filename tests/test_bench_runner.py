@@ -1,4 +1,5 @@
 """The bench keeps what it measured when one backend breaks or the run is interrupted."""
+import pytest
 import torch
 
 from vqkernels.bench import runner
@@ -19,10 +20,19 @@ def _raise(error: BaseException):
 
 
 def test_a_failing_backend_loses_only_its_own_row(capsys):
+    failures = []
     rows = runner.run([_case("a", broken=_raise(RuntimeError("boom")))], CPU, {}, quick=True,
-                      progress=False)
+                      progress=False, failures=failures)
     assert [row["backend"] for row in rows] == [REFERENCE]
+    assert failures == [{"op": "toy", "shape": "a", "backend": "broken",
+                         "error": "RuntimeError: boom"}]
     assert "toy a broken failed: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_without_a_failures_list_a_failing_backend_raises():
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run([_case("a", broken=_raise(RuntimeError("boom")))], CPU, {}, quick=True,
+                   progress=False)
 
 
 def test_an_interrupt_returns_the_rows_measured_so_far(capsys):

@@ -96,8 +96,10 @@ def _bench(args) -> int:
     device = torch.device(args.device)
     ceilings = runner.device_ceilings(device)
     cases = load_cases(list(dict.fromkeys(args.ops)), device, args.quick)
-    rows = runner.run(cases, device, ceilings, args.quick)
+    failures: list[dict] = []
+    rows = runner.run(cases, device, ceilings, args.quick, failures=failures)
     meta = report.metadata(ceilings, args.quick, report.skipped_backends(cases))
+    meta["failed"] = failures
     print(report.format_table(rows, meta))
     if args.json:
         report.write_json(args.json, rows, meta)
@@ -107,7 +109,10 @@ def _bench(args) -> int:
             print(f"wrote {args.plot}")
         else:
             print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
-    return 0
+    for failure in failures:
+        print(f"FAILED: {failure['op']} {failure['shape']} {failure['backend']}: "
+              f"{failure['error']}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _demo(args) -> int:

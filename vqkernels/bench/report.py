@@ -206,7 +206,8 @@ def write_json(path: str, rows: list[dict], meta: dict) -> None:
     off GPUs in the table), ``peak_mib`` (null when it could not be measured),
     ``items_per_s`` + ``items_unit`` (e.g. images/s; null for a case without items) and
     ``speedups`` (over the case's other baselines, by backend); ``skipped``: the
-    backends not timed, each with its op, shape and reason.
+    backends not timed, each with its op, shape and reason; ``failed`` (written by
+    the CLI): the backends that raised, each with its op, shape and error.
     """
     with open(path, "w") as out:
         json.dump({**meta, "rows": rows}, out, indent=2)

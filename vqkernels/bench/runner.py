@@ -178,19 +178,28 @@ def rate(case: Case, seconds: float) -> dict:
     return {"items_per_s": case.items / seconds, "items_unit": case.items_unit}
 
 
-def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool) -> list[dict]:
+def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool,
+             failures: list[dict] | None = None) -> list[dict]:
     """One row per backend of ``case``: time, speed-up vs the reference (and vs each of
     ``case.baselines`` that ran, in ``speedups``), floor, peak memory, and the rate of
-    ``case.items`` per second (``items_per_s``; None for a case without items)."""
+    ``case.items`` per second (``items_per_s``; None for a case without items).
+
+    A backend that raises: with a ``failures`` list, recorded there ({op, shape,
+    backend, error}) and left out, so the other backends keep their rows; else raised.
+    """
     rows = []
     for backend, fn in case.fns.items():
         try:
             fn()  # compile / fault pages in before measuring memory
             peak = peak_memory_bytes(fn, device)
             seconds = time_seconds(fn, device, quick)
-        except Exception as error:  # one broken backend must not cost the others' rows
-            print(f"bench: {case.op} {case.shape} {backend} failed: "
-                  f"{type(error).__name__}: {error}", file=sys.stderr)
+        except Exception as error:
+            if failures is None:
+                raise
+            failures.append({"op": case.op, "shape": case.shape, "backend": backend,
+                             "error": f"{type(error).__name__}: {error}"})
+            print(f"bench: {case.op} {case.shape} {backend} failed: {failures[-1]['error']}",
+                  file=sys.stderr)
             continue
         rows.append({"op": case.op, "shape": case.shape, "backend": backend,
                      "device": device.type, "time_us": seconds * 1e6, "bytes": case.bytes,
@@ -207,11 +216,11 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool) -> l
 
 
 def run(cases: list[Case], device: torch.device, ceilings: dict, quick: bool,
-        progress: bool | None = None) -> list[dict]:
+        progress: bool | None = None, failures: list[dict] | None = None) -> list[dict]:
     """Rows of every case; a tqdm bar over cases (``None``: only on a terminal).
 
     Interrupted (Ctrl-C, or SIGINT from a timeout), it returns the rows so far, so
-    that a bench cut short still writes what it measured.
+    that a bench cut short still writes what it measured. ``failures``: as run_case.
     """
     from tqdm import tqdm
 
@@ -219,7 +228,7 @@ def run(cases: list[Case], device: torch.device, ceilings: dict, quick: bool,
     try:
         for case in tqdm(cases, desc="bench", unit="case", disable=None if progress is None
                          else not progress):
-            rows += run_case(case, device, ceilings, quick)
+            rows += run_case(case, device, ceilings, quick, failures)
     except KeyboardInterrupt:
         done = len({(row["op"], row["shape"]) for row in rows})
         print(f"bench: interrupted after {done} of {len(cases)} cases; "
