@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqkernels import VectorQuantize, ops
+from vqkernels import ResidualVQ, VectorQuantize, ops
 
 WORLD = 2
 K, D = 11, 4
@@ -58,17 +58,21 @@ def compute(seed, rank=None):
         torch.manual_seed(seed + 10 + i)  # rank 0's generator makes the draws
         vq(share(z, rank).reshape(1, -1, D))
     out["module"] = dict(vq.state_dict())
+    torch.manual_seed(seed)
+    rvq = ResidualVQ(dim=D, num_quantizers=3, codebook_size=K, kmeans_init=True, kmeans_iters=3)
+    for i, z in enumerate(batches[:3]):
+        torch.manual_seed(seed + 20 + i)
+        rvq(share(z, rank).reshape(1, -1, D))
+    out["residual module"] = dict(rvq.state_dict())
     return out
 
 
-def count_collectives_of_a_training_step(seed):
-    torch.manual_seed(seed)
-    vq = VectorQuantize(D, K)
+def count_collectives_of_a_training_step(module):
     calls = []
     original = dist.all_reduce
     dist.all_reduce = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
     try:
-        vq(torch.randn(2, 5, D))
+        module(torch.randn(2, 5, D))
     finally:
         dist.all_reduce = original
     return len(calls)
@@ -79,7 +83,10 @@ def _worker(rank, init_file, out_dir, seed):
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         results = compute(seed, rank)
-        results["all_reduce calls"] = count_collectives_of_a_training_step(seed)
+        torch.manual_seed(seed)
+        results["all_reduce calls"] = count_collectives_of_a_training_step(VectorQuantize(D, K))
+        results["residual all_reduce calls"] = count_collectives_of_a_training_step(
+            ResidualVQ(dim=D, num_quantizers=3, codebook_size=K))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -112,8 +119,9 @@ def test_ranks_agree_with_one_process_on_the_concatenated_batch(tmp_path):
     print(f"seed {seed}")
     ranks = [flatten(r) for r in run_workers(tmp_path, seed)]
     single = flatten(compute(seed))
-    assert ranks[0].pop("all_reduce calls") == ranks[1].pop("all_reduce calls") == 1, \
-        "one EMA training step must all-reduce exactly one buffer"
+    for key in ("all_reduce calls", "residual all_reduce calls"):  # the stages' stats too
+        assert ranks[0].pop(key) == ranks[1].pop(key) == 1, \
+            f"{key}: one EMA training step must all-reduce exactly one buffer"
     assert ranks[0].keys() == single.keys()
     for key, expected in single.items():
         for rank, results in enumerate(ranks):

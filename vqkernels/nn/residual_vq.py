@@ -6,8 +6,10 @@ the output is ``sum_q Q_q(r_q)``. Each stage is a ``VectorQuantize`` (fused
 search + EMA statistics, no N x K buffer) with vector-quantize-pytorch 1.32's
 constructor, forward contract, random draws and state dict
 (``layers.{q}._codebook.*``, ``rvqs.{g}.layers.{q}._codebook.*``), so training
-code and checkpoints carry over. The stages still run one after another; one
-launch for all stages (``ops.residual_nearest_code``) is the next step.
+code and checkpoints carry over. Under ``torch.distributed`` the stages' EMA
+statistics go in one all-reduce a step (``update_deferred_stages``), not one a
+stage. The stages still run one after another; one launch for all of them
+(``ops.residual_nearest_code``, fused) is the next step.
 ``ReferenceResidualVQ`` / ``ReferenceGroupedResidualVQ`` are the twins on the
 pure-PyTorch ``ReferenceVectorQuantize``.
 """
@@ -113,19 +115,31 @@ class ResidualVQ(nn.Module):
         x = self.project_in(x)
         quantized_out, residual = torch.zeros_like(x), x
         all_indices, losses = [], []
-        for q, layer in enumerate(self.layers):
-            if q > last:
-                all_indices.append(torch.full_like(all_indices[0], -1))
-                losses.append(torch.zeros_like(losses[0]))
-                continue
-            quantized, ind, loss = layer(residual, freeze_codebook=freeze_codebook)
-            residual = residual - quantized.detach()
-            quantized_out = quantized_out + quantized
-            all_indices.append(ind)
-            losses.append(loss)
+        deferred = [] if self.training and self._syncs_statistics() else None
+        try:
+            for q, layer in enumerate(self.layers):
+                if q > last:
+                    all_indices.append(torch.full_like(all_indices[0], -1))
+                    losses.append(torch.zeros_like(losses[0]))
+                    continue
+                layer._deferred = deferred
+                quantized, ind, loss = layer(residual, freeze_codebook=freeze_codebook)
+                residual = residual - quantized.detach()
+                quantized_out = quantized_out + quantized
+                all_indices.append(ind)
+                losses.append(loss)
+        finally:
+            for layer in self.layers:
+                layer._deferred = None
+        if deferred:
+            update_deferred_stages(deferred)
         all_indices = torch.stack(all_indices, dim=-1)
         out = (self.project_out(quantized_out), all_indices, torch.stack(losses))
         return out + (self.get_codes_from_indices(all_indices),) if return_all_codes else out
+
+    def _syncs_statistics(self) -> bool:
+        """Do the stages all-reduce their batch statistics (VectorQuantize's sync_codebook)?"""
+        return any(getattr(layer, "sync_codebook", False) for layer in self.layers)
 
     def _last_stage(self, device, seed) -> int:
         """The last stage this step runs: Q - 1, or the one quantize dropout draws."""
@@ -155,6 +169,22 @@ class ResidualVQ(nn.Module):
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """The quantized output of ``indices``: the sum of their codes, projected out."""
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
+
+
+def update_deferred_stages(deferred: list) -> None:
+    """The EMA steps the stages deferred, after one all-reduce of all their statistics.
+
+    A stage's update changes only its own codebook, which no later stage of the same step
+    reads, so updating after every stage has searched gives what updating each in turn
+    gives, with one collective a step instead of one a stage. ``deferred``: (stage, batch,
+    indices, ema_update, (counts, sums)) in stage order.
+    """
+    stats = torch.cat([torch.cat([counts[:, None], sums], dim=1)
+                       for *_, (counts, sums) in deferred])
+    dist.all_reduce(stats)
+    for (stage, flat, ind, ema_update, _), part in zip(
+            deferred, stats.split([stage.codebook_size for stage, *_ in deferred])):
+        stage._update(flat, ind, ema_update, (part[:, 0], part[:, 1:]))
 
 
 class ReferenceResidualVQ(ResidualVQ):

@@ -169,7 +169,7 @@ class _VectorQuantizeBase(nn.Module):
             ind, stats = self._search(flat, embed, with_stats=learn)
             quantize = embed.index_select(0, ind).view(tokens.shape).to(x.dtype)
             if learn:
-                self._update(flat, ind, ema_update, stats)
+                self._learn(flat, ind, ema_update, stats)
         loss, commit = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
         if self.training:
             loss.requires_grad_()
@@ -226,6 +226,9 @@ class _VectorQuantizeBase(nn.Module):
             book.embed.copy_(_l2norm(book.embed))
         book.initted.fill_(True)
         self._initted = True
+
+    def _learn(self, flat, ind, ema_update, stats):
+        self._update(flat, ind, ema_update, stats)
 
     def _update(self, flat, ind, ema_update, stats):
         """The EMA step (from ``stats``, this batch's counts and sums, if the search made them)."""
@@ -294,6 +297,10 @@ class VectorQuantize(_VectorQuantizeBase):
                  backend: str | None = None, **kwargs):
         super().__init__(dim, codebook_size, codebook_dim, **kwargs)
         self.precision, self.backend = precision, backend
+        # Set by ResidualVQ while its stages run under sync_codebook: each stage leaves its
+        # batch statistics there un-reduced, and the stages' updates wait for one collective
+        # over all of them (vqkernels.nn.residual_vq.update_deferred_stages).
+        self._deferred: list | None = None
 
     def _search(self, flat, embed, with_stats):
         """The l2 training step searches and gathers the EMA statistics in one op (one read
@@ -302,19 +309,26 @@ class VectorQuantize(_VectorQuantizeBase):
             ind, _, *stats = ops.nearest_code_with_stats(
                 flat, embed, precision=self.precision, backend=self.backend,
                 deterministic=torch.are_deterministic_algorithms_enabled())
-            return ind, self._all_reduce(*stats)
+            return ind, (tuple(stats) if self._deferred is not None else self._all_reduce(*stats))
         return ops.nearest_code(flat, embed, metric=self._metric(), precision=self.precision,
                                 backend=self.backend)[0], None
+
+    def _learn(self, flat, ind, ema_update, stats):
+        if self._deferred is None:
+            return self._update(flat, ind, ema_update, stats)
+        stats = self._local_stats(flat, ind) if stats is None else stats
+        self._deferred.append((self, flat, ind, ema_update, stats))
 
     def _kmeans(self, flat):
         return ops.kmeans(flat, self.codebook_size, self.kmeans_iters, metric=self._metric(),
                           backend=self.backend, distributed=self.sync_kmeans)
 
+    def _local_stats(self, flat, ind):
+        return ops.code_counts_and_sums(flat, ind, self.codebook_size, backend=self.backend,
+                                        deterministic=torch.are_deterministic_algorithms_enabled())
+
     def _stats(self, flat, ind):
-        counts, sums = ops.code_counts_and_sums(
-            flat, ind, self.codebook_size, backend=self.backend,
-            deterministic=torch.are_deterministic_algorithms_enabled())
-        return self._all_reduce(counts, sums)
+        return self._all_reduce(*self._local_stats(flat, ind))
 
     def _all_reduce(self, counts, sums):
         if not self.sync_codebook:
