@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vqkernels.nn.vector_quantize import ReferenceVectorQuantize, VectorQuantize
+from vqkernels.ops.codebook_init import in_multi_rank_group
 
 # vector-quantize-pytorch ResidualVQ options implemented only at their default.
 _DEFAULT_ONLY = {"heads": 1, "shared_codebook": False, "implicit_neural_codebook": False,
@@ -35,7 +36,7 @@ def _sync_seed(device: torch.device) -> int:
     """vector-quantize-pytorch's dropout seed: one draw from torch's generator on ``device``,
     summed over ranks so that every rank drops the same stages."""
     seed = torch.randint(0, 10_000, (), device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if in_multi_rank_group():
         dist.all_reduce(seed)
     return int(seed.item())
 
@@ -139,7 +140,7 @@ class ResidualVQ(nn.Module):
 
     def _syncs_statistics(self) -> bool:
         """Do the stages all-reduce their batch statistics (VectorQuantize's sync_codebook)?"""
-        return any(getattr(layer, "sync_codebook", False) for layer in self.layers)
+        return any(layer.sync_codebook for layer in self.layers)
 
     def _last_stage(self, device, seed) -> int:
         """The last stage this step runs: Q - 1, or the one quantize dropout draws."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqkernels import ops
+from vqkernels.ops.codebook_init import in_multi_rank_group
 from vqkernels.reference import ema as reference_ema
 from vqkernels.reference import search as reference_search
 
@@ -110,10 +111,7 @@ class _VectorQuantizeBase(nn.Module):
         self.ema_update = True if ema_update is None else ema_update
         self.freeze_codebook = freeze_codebook
         self.route_gradients_to_input = route_gradients_to_input
-        if sync_codebook is None:
-            sync_codebook = dist.is_available() and dist.is_initialized() and \
-                dist.get_world_size() > 1
-        self.sync_codebook = bool(sync_codebook)
+        self.sync_codebook = in_multi_rank_group() if sync_codebook is None else bool(sync_codebook)
         self.sync_kmeans = self.sync_codebook and sync_kmeans
         self._codebook = _Codebook(dim, codebook_size, kmeans_init, use_cosine_sim)
         self._initted = None  # host copy of _codebook.initted once True: no sync per step

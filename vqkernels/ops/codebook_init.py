@@ -159,9 +159,14 @@ def replace_dead_codes_(
 
 # --- sampling and the distributed plumbing ---------------------------------------------------
 
+def in_multi_rank_group() -> bool:
+    """Is a torch.distributed group of more than one rank initialized?"""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _sync(distributed: bool | None) -> bool:
     if distributed is None:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return in_multi_rank_group()
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("distributed=True needs an initialized torch.distributed process group")
     return bool(distributed)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vqkernels.ops.search import nearest_code
+from vqkernels.ops.search import default_precision, nearest_code
 
 
 def residual_nearest_code(
@@ -34,8 +34,7 @@ def residual_nearest_code(
     the stages search the float32 residual at that precision).
     """
     books = _validate(z, codebooks)
-    if precision is None:
-        precision = "ieee" if z.dtype in (torch.float32, torch.float64) else "bf16"
+    precision = default_precision(z.dtype) if precision is None else precision
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     residual = z.to(dtype)
     quantized = torch.zeros_like(residual)
