@@ -69,3 +69,13 @@ def breaks_cuda_context(error: BaseException) -> bool:
     """Did ``error`` leave this process's CUDA context unusable?"""
     message = str(error)
     return "CUDA error" in message and any(phrase in message for phrase in STICKY_CUDA_ERRORS)
+
+
+def compile_fails_without_a_compiler(monkeypatch):
+    """torch.compile returns functions that fail as they do where no C++ compiler is found."""
+    def no_compiler(fn, **options):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler. More detail")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", no_compiler)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import compile_fails_without_a_compiler
 from vqkernels.bench import adaln, report, runner, targets
 from vqkernels.bench.cases import REFERENCE, Case, why_not_runnable
 from vqkernels.nn import ReferenceDiTBlock
@@ -80,12 +81,7 @@ def test_quick_cases_leave_compile_out_and_say_so():
 
 
 def test_a_compile_that_fails_is_skipped_with_its_reason(monkeypatch):
-    def no_compiler(fn, **options):
-        def fails(*args):
-            raise RuntimeError("no C++ compiler. More detail")
-        return fails
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    compile_fails_without_a_compiler(monkeypatch)
     case = adaln.op_case(KINDS["lnmod"], SHAPE, torch.float32, CPU, backward=False,
                          compiled=True)
     assert case.skipped[adaln.COMPILED] == "RuntimeError: no C++ compiler"

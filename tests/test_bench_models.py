@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import compile_fails_without_a_compiler
 from vqkernels.bench import evidence, models, report, runner, targets
 from vqkernels.bench.cases import COMPILED, REFERENCE
 from vqkernels.models import ReferenceDiT
@@ -76,12 +77,7 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 def test_a_compile_that_fails_is_skipped_with_its_reason(monkeypatch):
-    def no_compiler(fn, **options):
-        def fails(*args):
-            raise RuntimeError("no C++ compiler. More detail")
-        return fails
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    compile_fails_without_a_compiler(monkeypatch)
     case = models.dit_step_case("DiT-tiny/4", 1, torch.float32, CPU, backward=False, compiled=True)
     assert case.skipped[COMPILED] == "RuntimeError: no C++ compiler"
     assert COMPILED not in case.fns
