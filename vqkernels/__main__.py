@@ -31,9 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time every backend against the reference")
     bench.add_argument("--ops", nargs="+", choices=sorted(OP_MODULES), default=sorted(OP_MODULES),
                        metavar="OP", help=f"op families to run (default all: {sorted(OP_MODULES)})")
-    bench.add_argument("--device", choices=("cpu", "cuda"),
-                       default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="device to run on (default: cuda if available, else cpu)")
+    _add_device(bench, "run on")
     bench.add_argument("--quick", action="store_true",
                        help="smallest shapes and short timing budgets (a smoke run)")
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
@@ -42,13 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_device(parser, verb: str) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help=f"device to {verb} (default: cuda if available, else cpu)")
+
+
 def _add_demo(commands) -> None:
     parser = commands.add_parser(
         "demo", help="train a VQ tokenizer and a latent DiT on scikit-learn's digits, sample, "
                      "judge; exits 1 if a threshold is missed")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to run on (default: cuda if available, else cpu)")
+    _add_device(parser, "run on")
     parser.add_argument("--out", metavar="DIR", default="vqkernels-demo",
                         help="where metrics.json and the PNG grids go (default: vqkernels-demo)")
     parser.add_argument("--quick", action="store_true",
@@ -67,9 +69,7 @@ def _add_selftest(commands) -> None:
     parser = commands.add_parser(
         "selftest", help="every op on every backend usable here against the float64 reference; "
                          "exits 1 if any check fails")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to check (default: cuda if available, else cpu)")
+    _add_device(parser, "check")
     parser.add_argument("--ops", nargs="+", choices=SELFTEST_OPS, default=None, metavar="OP",
                         help=f"ops to check (default all: {list(SELFTEST_OPS)})")
     parser.add_argument("--json", metavar="PATH",
