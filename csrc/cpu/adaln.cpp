@@ -33,6 +33,8 @@
 // rounds alike in both backward passes (a row of D = 1 gets dx = 0 exactly).
 #pragma GCC optimize("fp-contract=off")
 
+#include "cpu/adaln_lane_ops.h"  // after the pragma: its lane ops inline into code without FMAs
+
 namespace vqkernels {
 namespace {
 
@@ -57,84 +59,6 @@ template <typename T>
 TokenRows<T> rows_of(const at::Tensor* t) {
   return t ? TokenRows<T>{t->const_data_ptr<T>(), row_strides(*t)} : TokenRows<T>{};
 }
-
-// Running sums of a row: one per lane, then the scalar tail's.
-template <typename A, int VB>
-struct LaneSums {
-  using Vec = typename Lanes<A, VB>::Vec;
-  Vec lanes[2];
-  A tail[2];
-  VQK_ALWAYS_INLINE void add(int k, Vec v) { lanes[k] += v; }
-  VQK_ALWAYS_INLINE void add(int k, A v) { tail[k] += v; }
-  VQK_ALWAYS_INLINE A mean(int k, int64_t n) const {
-    A s = 0;
-    for (int w = 0; w < Lanes<A, VB>::kWidth; ++w) s += lanes[k][w];
-    return (s + tail[k]) / static_cast<A>(n);
-  }
-};
-
-// The lane ops (for_lanes): V is a SIMD vector of A or A itself, S a LaneSums.
-struct GatedAdd {  // out = x + gate y
-  template <typename A, typename V, typename U>
-  static VQK_ALWAYS_INLINE void apply(int64_t i, const A* x, const A* gate, const A* y, A* out) {
-    store_vec(out + i, common::gated_residual(load_vec<V>(x + i), load_vec<V>(gate + i),
-                                              load_vec<V>(y + i)));
-  }
-};
-struct Sum {  // sums[0] += x
-  template <typename A, typename V, typename U, typename S>
-  static VQK_ALWAYS_INLINE void apply(int64_t i, const A* x, S* sums) {
-    sums->add(0, load_vec<V>(x + i));
-  }
-};
-struct SquaredDeviation {  // sums[0] += (x - mean)^2
-  template <typename A, typename V, typename U, typename S>
-  static VQK_ALWAYS_INLINE void apply(int64_t i, const A* x, A mean, S* sums) {
-    const V d = load_vec<V>(x + i) - mean;
-    sums->add(0, d * d);
-  }
-};
-struct Modulate {  // h = xhat (1 + scale) + shift
-  template <typename A, typename V, typename U>
-  static VQK_ALWAYS_INLINE void apply(int64_t i, const A* x, A mean, A rstd, const A* shift,
-                                      const A* scale, A* h) {
-    const V xhat = common::normalized(load_vec<V>(x + i), mean, rstd);
-    store_vec(h + i, common::modulate(xhat, load_vec<V>(shift + i), load_vec<V>(scale + i)));
-  }
-};
-// The first backward pass: dshift += dh, dscale += dh xhat, sums of gs and gs xhat.
-struct ParamGradsAndSums {
-  template <typename A, typename V, typename U, typename S>
-  static VQK_ALWAYS_INLINE void apply(int64_t i, const A* dh, const A* x, const A* scale, A mean,
-                                      A rstd, A* dshift, A* dscale, S* sums) {
-    const V g = load_vec<V>(dh + i), xhat = common::normalized(load_vec<V>(x + i), mean, rstd);
-    const V gs = common::modulated_grad(g, load_vec<V>(scale + i));
-    sums->add(0, gs);
-    sums->add(1, gs * xhat);
-    store_vec(dshift + i, load_vec<V>(dshift + i) + g);
-    store_vec(dscale + i, load_vec<V>(dscale + i) + g * xhat);
-  }
-};
-struct InputGrad {  // dx = rstd (gs - mean_D gs - xhat mean_D(gs xhat)) (+ dx_new)
-  template <typename A, typename V, typename U>
-  static VQK_ALWAYS_INLINE void apply(int64_t i, const A* dh, const A* x, const A* scale, A mean,
-                                      A rstd, A mean_gs, A mean_gs_xhat, const A* dx_new, A* dx) {
-    const V xhat = common::normalized(load_vec<V>(x + i), mean, rstd);
-    const V gs = common::modulated_grad(load_vec<V>(dh + i), load_vec<V>(scale + i));
-    V out = common::layer_norm_input_grad(gs, xhat, rstd, mean_gs, mean_gs_xhat);
-    if (dx_new) out += load_vec<V>(dx_new + i);
-    store_vec(dx + i, out);
-  }
-};
-struct GateGrads {  // dy = gate g, dgate += g y
-  template <typename A, typename V, typename U>
-  static VQK_ALWAYS_INLINE void apply(int64_t i, const A* g, const A* gate, const A* y, A* dy,
-                                      A* dgate) {
-    const V gv = load_vec<V>(g + i);
-    store_vec(dy + i, load_vec<V>(gate + i) * gv);
-    store_vec(dgate + i, load_vec<V>(dgate + i) + gv * load_vec<V>(y + i));
-  }
-};
 
 // A row of T read as A: the row itself when T is A, else converted into buf,
 // once while the same row repeats (a per-sample parameter).

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vqkernels.nn.vector_quantize import ReferenceVectorQuantize, VectorQuantize
+from vqkernels.nn._options import split_default_only
 from vqkernels.ops.codebook_init import in_multi_rank_group
 
 # vector-quantize-pytorch ResidualVQ options implemented only at their default.
@@ -64,7 +65,7 @@ class ResidualVQ(nn.Module):
                  quantize_dropout_multiple_of: int = 1, accept_image_fmap: bool = False,
                  **kwargs):
         super().__init__()
-        stage_options = _split_options(kwargs)
+        stage_options = split_default_only("ResidualVQ", kwargs, _DEFAULT_ONLY, _IGNORED)
         sizes = (tuple(codebook_size) if isinstance(codebook_size, (tuple, list))
                  else (codebook_size,) * (num_quantizers or 0))
         if num_quantizers is None:
@@ -248,19 +249,3 @@ class ReferenceGroupedResidualVQ(GroupedResidualVQ):
     """``GroupedResidualVQ`` on ``ReferenceResidualVQ`` groups (parity twin)."""
 
     residual_class = ReferenceResidualVQ
-
-
-def _split_options(kwargs: dict) -> dict:
-    """The keywords meant for each stage's VectorQuantize; the ResidualVQ-only ones checked."""
-    stage = {}
-    for name, value in kwargs.items():
-        if name in _IGNORED:
-            continue
-        if name in _DEFAULT_ONLY:
-            default = _DEFAULT_ONLY[name]
-            if value != default and not (not default and not value):  # None, False, 0: off
-                raise ValueError(f"{name}={value!r} is not supported by vqkernels.ResidualVQ "
-                                 f"(only {default!r}); use vector-quantize-pytorch")
-            continue
-        stage[name] = value
-    return stage

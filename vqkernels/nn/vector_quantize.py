@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqkernels import ops
+from vqkernels.nn._options import split_default_only
 from vqkernels.ops.codebook_init import in_multi_rank_group
 from vqkernels.reference import ema as reference_ema
 from vqkernels.reference import search as reference_search
@@ -37,7 +38,6 @@ _DEFAULT_ONLY = {
     "learnable_codebook": None, "in_place_codebook_optimizer": None, "affine_param": False,
     "sync_update_v": 0.0, "reinmax": False, "distributed_replace_codes": True,
 }
-_ALSO_FALSE = {"rotation_trick", "learnable_codebook"}
 # Accepted with any value: they only act together with an option above.
 _IGNORED = ("codebook_diversity_temperature", "sample_codebook_temp",
             "directional_reparam_variance", "manual_in_place_optimizer_update",
@@ -89,7 +89,8 @@ class _VectorQuantizeBase(nn.Module):
                  sync_codebook: bool | None = None, ema_update: bool | None = None,
                  route_gradients_to_input: bool = True, **options):
         super().__init__()
-        _check_options(options)
+        for name in split_default_only("VectorQuantize", options, _DEFAULT_ONLY, _IGNORED):
+            raise TypeError(f"VectorQuantize got an unexpected keyword argument {name!r}")
         if codebook_dim is not None and codebook_dim != dim:
             raise ValueError(f"codebook_dim={codebook_dim} != dim={dim} (projections) is not "
                              "supported by vqkernels.VectorQuantize")
@@ -244,18 +245,6 @@ class _VectorQuantizeBase(nn.Module):
 
     def _metric(self):
         return "cosine" if self.use_cosine_sim else "l2"
-
-
-def _check_options(options):
-    for name, value in options.items():
-        if name in _IGNORED:
-            continue
-        if name not in _DEFAULT_ONLY:
-            raise TypeError(f"VectorQuantize got an unexpected keyword argument {name!r}")
-        default = _DEFAULT_ONLY[name]
-        if not (value == default or (name in _ALSO_FALSE and value is False)):
-            raise ValueError(f"{name}={value!r} is not supported by vqkernels.VectorQuantize "
-                             f"(only {default!r}); use vector-quantize-pytorch for it")
 
 
 class VectorQuantize(_VectorQuantizeBase):
