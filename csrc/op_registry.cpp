@@ -31,6 +31,9 @@ TORCH_LIBRARY(vqkernels, m) {
   m.def(
       "nearest_code(Tensor z, Tensor codebook, Tensor codebook_sqnorm, str precision) -> "
       "(Tensor indices, Tensor distances)");
+  m.def(
+      "residual_nearest_code(Tensor z, Tensor[] codebooks, Tensor[] codebook_sqnorms, "
+      "str precision) -> (Tensor indices, Tensor quantized)");
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -54,6 +57,7 @@ TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cpu);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cpu);
   m.impl("nearest_code", &vqkernels::nearest_code_cpu);
+  m.impl("residual_nearest_code", &vqkernels::residual_nearest_code_cpu);
   m.impl("attention_forward", &vqkernels::attention_forward_cpu);
   m.impl("attention_backward", &vqkernels::attention_backward_cpu);
   m.impl("adaln_forward", &vqkernels::adaln_forward_cpu);

@@ -31,6 +31,13 @@ at::Tensor timestep_embedding_cuda(const at::Tensor& t, int64_t dim, double max_
 std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook,
                                                     const at::Tensor& codebook_sqnorm,
                                                     std::string_view precision);
+// Residual search over Q codebooks (vqkernels/ops/residual.py): indices (N, Q)
+// int64 and the sum of the chosen codes (N, D) in z's dtype; codebook_sqnorms
+// one (K_q,) fp32 tensor a codebook.
+std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cpu(const at::Tensor& z,
+                                                             at::TensorList codebooks,
+                                                             at::TensorList codebook_sqnorms,
+                                                             std::string_view precision);
 #ifdef VQKERNELS_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
                                                      const at::Tensor& codebook_sqnorm,

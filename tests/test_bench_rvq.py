@@ -18,6 +18,18 @@ def test_train_case_runs_both_modules_on_the_same_codebooks():
         torch.testing.assert_close(modules[1].state_dict()[key], value, rtol=1e-5, atol=1e-5)
 
 
-def test_the_family_is_empty_without_vector_quantize_pytorch(monkeypatch):
+def test_without_vector_quantize_pytorch_only_the_search_is_left(monkeypatch):
     monkeypatch.setattr(rvq.importlib.util, "find_spec", lambda name: None)
-    assert rvq.cases(torch.device("cpu"), quick=True) == []
+    assert [case.shape for case in rvq.cases(torch.device("cpu"), quick=True)] == [
+        "search-Q8xN16384xK1024xD128"]
+
+
+def test_search_case_rows_agree():
+    """Every row runs the same search: the torch loop, Q nearest_code calls and the fused op."""
+    case = rvq._search_case(torch.device("cpu"), 3, 16, 8, 2, 20)
+    assert case.shape == "search-Q3xN40xK16xD8" and case.baselines == (rvq.STAGE_LOOP,)
+    assert case.flops == 2 * 3 * 40 * 16 * 8 and {REFERENCE, rvq.STAGE_LOOP} <= set(case.fns)
+    results = {name: fn() for name, fn in case.fns.items()}
+    for name, (indices, quantized) in results.items():
+        assert torch.equal(indices, results[REFERENCE][0]), name
+        torch.testing.assert_close(quantized, results[REFERENCE][1], msg=name)

@@ -1,9 +1,12 @@
 """ops.residual_nearest_code on every backend against the reference, and its argument checks."""
+import textwrap
+
 import pytest
 import torch
 
-from helpers import kernel_backends
+from helpers import kernel_backends, run_python
 from vqkernels import ops
+from vqkernels.ops import residual
 from vqkernels.reference import search as reference
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference"), *kernel_backends()]
@@ -89,3 +92,75 @@ def test_codebooks_of_different_sizes_and_no_rows(generator):
 def test_bad_arguments_name_themselves(z, codebooks, match):
     with pytest.raises(ValueError, match=match):
         ops.residual_nearest_code(z, codebooks)
+
+
+# --- the fused C++ CPU kernel ---------------------------------------------------------------
+
+needs_cpu_kernels = pytest.mark.skipif(
+    not hasattr(torch.ops.vqkernels, "residual_nearest_code"), reason="needs the C++ extension")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, d, sizes", [
+    (2100, 5, (700, 3, 64)),   # direct path: 3 row blocks, K over two staged tiles
+    (530, 40, (1100, 1, 9)),   # GEMM path: K over three GEMM tiles
+])
+def test_fused_kernel_is_the_stage_loop_bit_for_bit(dtype, n, d, sizes, generator):
+    """One process, one machine: the fused pass and Q nearest_code calls on the C++ backend
+    run the same arithmetic, stage for stage."""
+    z, books = random_problem(generator, n=n, d=d, sizes=sizes, dtype=dtype)
+    z[3] = float("nan")
+    books[2][0] = float("inf")  # a code no finite row may take
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "bf16"
+    fused = ops.residual_nearest_code(z, books, backend="cpu")
+    loop = residual.stage_by_stage("cpu")(z, books, precision)
+    assert torch.equal(fused[0], loop[0])
+    torch.testing.assert_close(fused[1], loop[1], rtol=0, atol=0, equal_nan=True)
+    assert (fused[0][3] == 0).all() and (fused[0][:, 2] != 0).sum() == n - 1
+
+
+@needs_cpu_kernels
+def test_fused_kernel_opcheck(generator):
+    z, books = random_problem(generator)
+    sqnorms = [book.square().sum(1) for book in books]
+    torch.library.opcheck(torch.ops.vqkernels.residual_nearest_code.default,
+                          (z, books, sqnorms, "ieee"))
+
+
+@needs_cpu_kernels
+def test_fused_kernel_rejects_mismatched_norms():
+    z, book = torch.zeros(4, 5), torch.zeros(3, 5)
+    with pytest.raises(RuntimeError, match="codebook_sqnorms must have one"):
+        torch.ops.vqkernels.residual_nearest_code(z, [book, book], [torch.zeros(3)], "ieee")
+    with pytest.raises(RuntimeError, match="at least one codebook"):
+        torch.ops.vqkernels.residual_nearest_code(z, [], [], "ieee")
+
+
+def test_compiles_fullgraph(generator):
+    torch._dynamo.reset()
+    z, books = random_problem(generator, sizes=(6, 6))
+    stacked = torch.stack(books)
+    compiled = torch.compile(lambda z, books: ops.residual_nearest_code(z, books), fullgraph=True)
+    got, expected = compiled(z, stacked), ops.residual_nearest_code(z, stacked)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@needs_cpu_kernels
+def test_fused_kernel_memory_is_not_n_by_k():
+    """Q=4, N=65536, K=4096, D=8: one stage's N x K fp32 would be 1 GiB; allow < 64 MiB."""
+    out = run_python("-c", textwrap.dedent("""
+        import resource, torch, vqkernels
+        from vqkernels import ops
+        g = torch.Generator().manual_seed(0)
+        z, books = torch.randn(65536, 8, generator=g), torch.randn(4, 4096, 8, generator=g)
+        ops.residual_nearest_code(z[:4], books[:, :4], backend="cpu")  # library, thread pool
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        indices, quantized = ops.residual_nearest_code(z, books, backend="cpu")
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert indices.shape == (65536, 4) and quantized.isfinite().all()
+        print((after - before) / 1024)
+    """))
+    assert out.returncode == 0, out.stdout + out.stderr
+    growth_mib = float(out.stdout.split()[-1])
+    assert growth_mib < 64, f"peak RSS grew by {growth_mib:.1f} MiB"

@@ -71,6 +71,18 @@ inline void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codeb
               "precision must be \"ieee\", \"tf32\" or \"bf16\", got \"", precision, "\"");
 }
 
+// The same for each stage of the residual search: one codebook and its norms a stage.
+inline void check_residual_nearest_code_args(const at::Tensor& z, at::TensorList codebooks,
+                                             at::TensorList codebook_sqnorms,
+                                             std::string_view precision) {
+  TORCH_CHECK(!codebooks.empty(), "codebooks must hold at least one codebook");
+  TORCH_CHECK(codebook_sqnorms.size() == codebooks.size(), "codebook_sqnorms must have one ",
+              "tensor a codebook (", codebooks.size(), "), got ", codebook_sqnorms.size());
+  for (size_t q = 0; q < codebooks.size(); ++q) {
+    check_nearest_code_args(z, codebooks[q], codebook_sqnorms[q], precision);
+  }
+}
+
 // What would crash the attention kernels (the rest is validated in
 // vqkernels/ops/flash_attention.py): q (B, H, Sq, d), k and v (B, H, Sk, d) sharing
 // q's B, H, d, dtype and device, each with unit stride along d (any other

@@ -26,6 +26,7 @@
 #include "common/checks.h"
 #include "common/search.h"
 #include "cpu/parallel.h"
+#include "cpu/search_lanes.h"
 #include "vqkernels.h"
 
 namespace vqkernels {
@@ -38,130 +39,6 @@ constexpr int64_t kDirectRows = 1024;        // rows per block: their lane state
 constexpr int64_t kDirectTileBytes = 16384;  // transposed code tile, stays in L1
 constexpr int64_t kGemmRows = 256;           // GEMM tile: 256 x 512 outputs, in L2
 constexpr int64_t kGemmCodes = 512;
-
-// Code indices in lanes of the scores' size, so that a comparison mask selects both.
-template <typename Acc>
-using IndexOf = typename IntOf<Acc>::Signed;
-
-// Lane l holds l: the lanes' offsets within a vector of codes.
-template <typename Acc, int VB>
-VQK_ALWAYS_INLINE typename Lanes<Acc, VB>::IVec lane_offsets() {
-  typename Lanes<Acc, VB>::IVec lane;
-  for (int l = 0; l < Lanes<Acc, VB>::kWidth; ++l) lane[l] = l;
-  return lane;
-}
-
-// Scores of `rows` (a multiple of R) staged rows of z against the first
-// `width` codes of a tile stored transposed and scaled, et[d * ld + j] =
-// -2 e_(k0 + j)[d], with et[dim * ld + j] = ||e_(k0 + j)||^2; padded codes
-// hold 0 and +inf, so their score is +inf (or NaN) and never wins.
-// best / best_k: kWidth lanes a row.
-template <typename Acc, int VB, int R, int C>
-VQK_ALWAYS_INLINE void scan_direct(const Acc* z, int64_t rows, const Acc* et, int64_t dim,
-                                   int64_t ld, int64_t width, int64_t k0, Acc* best,
-                                   IndexOf<Acc>* best_k) {
-  using Vec = typename Lanes<Acc, VB>::Vec;
-  using IVec = typename Lanes<Acc, VB>::IVec;
-  constexpr int W = Lanes<Acc, VB>::kWidth;
-  const IVec lane = lane_offsets<Acc, VB>();
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    const Acc* zr = z + r0 * dim;
-    Vec b[R];
-    IVec bk[R];
-    for (int r = 0; r < R; ++r) {
-      b[r] = load_vec<Vec>(best + (r0 + r) * W);
-      bk[r] = load_vec<IVec>(best_k + (r0 + r) * W);
-    }
-    for (int64_t j = 0; j < width; j += W * C) {
-      Vec acc[R][C];
-      for (int q = 0; q < C; ++q) {
-        const Vec sqv = load_vec<Vec>(et + dim * ld + j + q * W);
-        for (int r = 0; r < R; ++r) acc[r][q] = sqv;
-      }
-      for (int64_t d = 0; d < dim; ++d) {
-        Vec e[C];
-        for (int q = 0; q < C; ++q) e[q] = load_vec<Vec>(et + d * ld + j + q * W);
-        for (int r = 0; r < R; ++r) {
-          const Acc zd = zr[r * dim + d];
-          for (int q = 0; q < C; ++q) acc[r][q] = common::expanded_score_step(acc[r][q], zd, e[q]);
-        }
-      }
-      for (int q = 0; q < C; ++q) {
-        const IVec k = lane + static_cast<IndexOf<Acc>>(k0 + j + q * W);
-        for (int r = 0; r < R; ++r) common::update_best(acc[r][q], k, b[r], bk[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      store_vec(best + (r0 + r) * W, b[r]);
-      store_vec(best_k + (r0 + r) * W, bk[r]);
-    }
-  }
-}
-
-// Folds a GEMM tile dots[r * ld + j] = z_r . e_(k0 + j) into the running
-// argmin by the score sqnorm[j] - 2 dots; sqnorm is padded with +inf up to
-// `width` (a multiple of the lane count), so stale columns never win.
-template <typename Acc, int VB>
-VQK_ALWAYS_INLINE void fold_scores(const Acc* dots, int64_t ld, int64_t rows, const Acc* sqnorm,
-                                   int64_t width, int64_t k0, Acc* best, IndexOf<Acc>* best_k) {
-  using Vec = typename Lanes<Acc, VB>::Vec;
-  using IVec = typename Lanes<Acc, VB>::IVec;
-  constexpr int W = Lanes<Acc, VB>::kWidth;
-  const IVec lane = lane_offsets<Acc, VB>();
-  for (int64_t r = 0; r < rows; ++r) {
-    Vec b = load_vec<Vec>(best + r * W);
-    IVec bk = load_vec<IVec>(best_k + r * W);
-    for (int64_t j = 0; j < width; j += W) {
-      const Vec s =
-          common::expanded_score(load_vec<Vec>(sqnorm + j), load_vec<Vec>(dots + r * ld + j));
-      common::update_best(s, lane + static_cast<IndexOf<Acc>>(k0 + j), b, bk);
-    }
-    store_vec(best + r * W, b);
-    store_vec(best_k + r * W, bk);
-  }
-}
-
-// One ISA's compiled loops and their blocking.
-template <typename Acc>
-struct MicroKernels {
-  int width;  // lanes
-  int rows;   // R: rows per register block of the direct path
-  int codes;  // C * width: codes per register block of the direct path
-  void (*scan)(const Acc*, int64_t, const Acc*, int64_t, int64_t, int64_t, int64_t, Acc*,
-               IndexOf<Acc>*);
-  void (*fold)(const Acc*, int64_t, int64_t, const Acc*, int64_t, int64_t, Acc*, IndexOf<Acc>*);
-};
-
-// Code vectors per register block: 4 with AVX-512's 32 vector registers, 1 with 16.
-constexpr int code_vectors(int vector_bytes) { return vector_bytes == 64 ? 4 : 1; }
-constexpr int kRowBlock = 4;
-
-#define VQK_DEFINE_MICRO_KERNELS(NAME, TARGET, VB)                                              \
-  template <typename Acc>                                                                       \
-  TARGET void NAME##_scan(const Acc* z, int64_t rows, const Acc* et, int64_t dim, int64_t ld,    \
-                          int64_t width, int64_t k0, Acc* best, IndexOf<Acc>* best_k) {         \
-    scan_direct<Acc, VB, kRowBlock, code_vectors(VB)>(z, rows, et, dim, ld, width, k0, best,    \
-                                                      best_k);                                  \
-  }                                                                                             \
-  template <typename Acc>                                                                       \
-  TARGET void NAME##_fold(const Acc* dots, int64_t ld, int64_t rows, const Acc* sqnorm,         \
-                          int64_t width, int64_t k0, Acc* best, IndexOf<Acc>* best_k) {         \
-    fold_scores<Acc, VB>(dots, ld, rows, sqnorm, width, k0, best, best_k);                      \
-  }                                                                                             \
-  template <typename Acc>                                                                       \
-  MicroKernels<Acc> NAME##_kernels() {                                                          \
-    constexpr int W = Lanes<Acc, VB>::kWidth;                                                   \
-    return {W, kRowBlock, code_vectors(VB) * W, &NAME##_scan<Acc>, &NAME##_fold<Acc>};          \
-  }
-VQK_DEFINE_ISA_COPIES(VQK_DEFINE_MICRO_KERNELS)
-#undef VQK_DEFINE_MICRO_KERNELS
-
-template <typename Acc>
-MicroKernels<Acc> select_micro_kernels() {
-#define VQK_MICRO_KERNELS(NAME) NAME##_kernels<Acc>()
-  return VQK_PICK_ISA(common::cpu_isa(), VQK_MICRO_KERNELS);
-#undef VQK_MICRO_KERNELS
-}
 
 template <typename T, typename Acc>
 struct Problem {
@@ -239,27 +116,65 @@ std::vector<Acc> stage_codebook(const Problem<T, Acc>& p, int64_t tile) {
   return staged;
 }
 
-template <typename T, typename Acc>
-void search_direct(const Problem<T, Acc>& p, const Acc* staged, int64_t tile, int64_t block_rows,
-                   int64_t b0, int64_t b1) {
-  const int64_t D = p.dim, W = p.mk.width, R = p.mk.rows, step = p.mk.codes;
-  const int64_t rows_cap = round_up(block_rows, R);
-  std::vector<Acc> zs(rows_cap * D), best(rows_cap * W);
-  std::vector<IndexOf<Acc>> best_k(rows_cap * W);
-  for (int64_t blk = b0; blk < b1; ++blk) {
-    const int64_t r0 = blk * block_rows, rows = std::min(block_rows, p.n - r0);
-    const int64_t rows_pad = round_up(rows, R);
-    for (int64_t i = 0; i < rows * D; ++i) zs[i] = static_cast<Acc>(p.z[r0 * D + i]);
-    std::fill(zs.begin() + rows * D, zs.begin() + rows_pad * D, Acc(0));  // results dropped
-    reset_lanes(rows_pad * W, best.data(), best_k.data());
-    for (int64_t k0 = 0, t = 0; k0 < p.k; k0 += tile, ++t) {
-      // The last tile's padding is scanned only up to the next register block.
-      const int64_t width = round_up(std::min(tile, p.k - k0), step);
-      p.mk.scan(zs.data(), rows_pad, staged + t * (D + 1) * tile, D, tile, width, k0, best.data(),
-                best_k.data());
+// How a search over D cuts its rows into blocks (enough for every thread, no
+// more rows than the path's tiles want) and, on the direct path, its codes
+// into staged tiles.
+struct Plan {
+  bool direct;
+  int64_t block_rows, tile;
+};
+
+template <typename Acc>
+Plan plan_search(int64_t n, int64_t dim, const MicroKernels<Acc>& mk) {
+  const bool direct = dim <= kDirectMaxDim;
+  const int64_t per_thread = round_up(ceil_div(n, at::get_num_threads()), 8);
+  const int64_t block_rows = std::max<int64_t>(1, std::min(direct ? kDirectRows : kGemmRows,
+                                                           per_thread));
+  const int64_t code_bytes = (dim + 1) * static_cast<int64_t>(sizeof(Acc));
+  const int64_t tile = std::max<int64_t>(mk.codes, kDirectTileBytes / code_bytes / mk.codes *
+                                                       mk.codes);
+  return {direct, block_rows, tile};
+}
+
+// A thread's buffers for the blocks of one plan: z rows converted (or padded
+// to the register block), a converted code tile, a GEMM tile, the lanes.
+template <typename Acc>
+struct Scratch {
+  std::vector<Acc> zs, es, dots, sq, best;
+  std::vector<IndexOf<Acc>> best_k;
+  template <typename T>
+  Scratch(const Plan& plan, int64_t dim, const MicroKernels<Acc>& mk, T*) {
+    constexpr bool convert = !std::is_same_v<T, Acc>;
+    const int64_t rows = round_up(plan.block_rows, mk.rows), lanes = rows * mk.width;
+    best.resize(lanes);
+    best_k.resize(lanes);
+    if (plan.direct) {
+      zs.resize(rows * dim);
+    } else {
+      zs.resize(convert ? plan.block_rows * dim : 0);
+      es.resize(convert ? kGemmCodes * dim : 0);
+      dots.resize(plan.block_rows * kGemmCodes);  // zeros: the fold reads padding columns
+      sq.resize(kGemmCodes);
     }
-    finish_rows(p, r0, rows, best.data(), best_k.data());
   }
+};
+
+// Rows [r0, r0 + rows) of p against every code, scanning the staged tiles.
+template <typename T, typename Acc>
+void search_block_direct(const Problem<T, Acc>& p, const Acc* staged, int64_t tile, int64_t r0,
+                         int64_t rows, Scratch<Acc>& s) {
+  const int64_t D = p.dim, W = p.mk.width, step = p.mk.codes;
+  const int64_t rows_pad = round_up(rows, p.mk.rows);
+  for (int64_t i = 0; i < rows * D; ++i) s.zs[i] = static_cast<Acc>(p.z[r0 * D + i]);
+  std::fill(s.zs.begin() + rows * D, s.zs.begin() + rows_pad * D, Acc(0));  // results dropped
+  reset_lanes(rows_pad * W, s.best.data(), s.best_k.data());
+  for (int64_t k0 = 0, t = 0; k0 < p.k; k0 += tile, ++t) {
+    // The last tile's padding is scanned only up to the next register block.
+    const int64_t width = round_up(std::min(tile, p.k - k0), step);
+    p.mk.scan(s.zs.data(), rows_pad, staged + t * (D + 1) * tile, D, tile, width, k0,
+              s.best.data(), s.best_k.data());
+  }
+  finish_rows(p, r0, rows, s.best.data(), s.best_k.data());
 }
 
 // Rows of a T matrix as an Acc matrix for BLAS: a view when T is Acc, else
@@ -277,52 +192,92 @@ at::Tensor as_matrix(const T* src, int64_t rows, int64_t dim, std::vector<Acc>& 
   }
 }
 
+// Rows [r0, r0 + rows) of p against every code, a GEMM tile of codes at a time.
 template <typename T, typename Acc>
-void search_gemm(const Problem<T, Acc>& p, int64_t block_rows, int64_t b0, int64_t b1) {
+void search_block_gemm(const Problem<T, Acc>& p, int64_t r0, int64_t rows, Scratch<Acc>& s) {
   const int64_t D = p.dim, W = p.mk.width;
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value);
-  std::vector<Acc> zs(std::is_same_v<T, Acc> ? 0 : block_rows * D);
-  std::vector<Acc> es(std::is_same_v<T, Acc> ? 0 : kGemmCodes * D);
-  std::vector<Acc> dots(block_rows * kGemmCodes, Acc(0)), sq(kGemmCodes), best(block_rows * W);
-  std::vector<IndexOf<Acc>> best_k(block_rows * W);
-  for (int64_t blk = b0; blk < b1; ++blk) {
-    const int64_t r0 = blk * block_rows, rows = std::min(block_rows, p.n - r0);
-    const at::Tensor zt = as_matrix(p.z + r0 * D, rows, D, zs);
-    reset_lanes(rows * W, best.data(), best_k.data());
-    for (int64_t k0 = 0; k0 < p.k; k0 += kGemmCodes) {
-      const int64_t kt = std::min(kGemmCodes, p.k - k0), width = round_up(kt, W);
-      const at::Tensor et = as_matrix(p.e + k0 * D, kt, D, es);
-      at::Tensor out = at::from_blob(dots.data(), {rows, kt}, {kGemmCodes, 1}, options);
-      at::mm_out(out, zt, et.t());
-      std::copy(p.sqnorm + k0, p.sqnorm + k0 + kt, sq.begin());
-      std::fill(sq.begin() + kt, sq.begin() + width, std::numeric_limits<Acc>::infinity());
-      p.mk.fold(dots.data(), kGemmCodes, rows, sq.data(), width, k0, best.data(), best_k.data());
-    }
-    finish_rows(p, r0, rows, best.data(), best_k.data());
+  const at::Tensor zt = as_matrix(p.z + r0 * D, rows, D, s.zs);
+  reset_lanes(rows * W, s.best.data(), s.best_k.data());
+  for (int64_t k0 = 0; k0 < p.k; k0 += kGemmCodes) {
+    const int64_t kt = std::min(kGemmCodes, p.k - k0), width = round_up(kt, W);
+    const at::Tensor et = as_matrix(p.e + k0 * D, kt, D, s.es);
+    at::Tensor out = at::from_blob(s.dots.data(), {rows, kt}, {kGemmCodes, 1}, options);
+    at::mm_out(out, zt, et.t());
+    std::copy(p.sqnorm + k0, p.sqnorm + k0 + kt, s.sq.begin());
+    std::fill(s.sq.begin() + kt, s.sq.begin() + width, std::numeric_limits<Acc>::infinity());
+    p.mk.fold(s.dots.data(), kGemmCodes, rows, s.sq.data(), width, k0, s.best.data(),
+              s.best_k.data());
   }
+  finish_rows(p, r0, rows, s.best.data(), s.best_k.data());
+}
+
+template <typename T, typename Acc>
+void search_block(const Problem<T, Acc>& p, const Plan& plan, const std::vector<Acc>& staged,
+                  int64_t r0, int64_t rows, Scratch<Acc>& s) {
+  if (plan.direct) search_block_direct(p, staged.data(), plan.tile, r0, rows, s);
+  else search_block_gemm(p, r0, rows, s);
 }
 
 template <typename T, typename Acc>
 void search(const Problem<T, Acc>& p) {
-  const bool direct = p.dim <= kDirectMaxDim;
-  // Enough blocks for every thread, but no more rows per block than the path's tiles want.
-  const int64_t threads = at::get_num_threads();
-  const int64_t per_thread = round_up(ceil_div(p.n, threads), 8);
-  const int64_t block_rows = std::min(direct ? kDirectRows : kGemmRows, per_thread);
-  const int64_t blocks = ceil_div(p.n, block_rows);
-  if (direct) {
-    const int64_t step = p.mk.codes;
-    const int64_t code_bytes = (p.dim + 1) * static_cast<int64_t>(sizeof(Acc));
-    const int64_t tile = std::max(step, kDirectTileBytes / code_bytes / step * step);
-    const std::vector<Acc> staged = stage_codebook(p, tile);
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      search_direct(p, staged.data(), tile, block_rows, b0, b1);
-    });
-  } else {
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      search_gemm(p, block_rows, b0, b1);
-    });
-  }
+  const Plan plan = plan_search(p.n, p.dim, p.mk);
+  const std::vector<Acc> staged = plan.direct ? stage_codebook(p, plan.tile) : std::vector<Acc>{};
+  at::parallel_for(0, ceil_div(p.n, plan.block_rows), 1, [&](int64_t b0, int64_t b1) {
+    Scratch<Acc> scratch(plan, p.dim, p.mk, static_cast<T*>(nullptr));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * plan.block_rows;
+      search_block(p, plan, staged, r0, std::min(plan.block_rows, p.n - r0), scratch);
+    }
+  });
+}
+
+// One codebook of a residual search as the search reads it: Acc codes (a view
+// when the input is Acc), their ||e||^2 and, on the direct path, the staged tiles.
+template <typename Acc>
+struct Stage {
+  at::Tensor codes, sqnorm;
+  std::vector<Acc> staged;
+};
+
+// Each block of rows goes through every stage while its residual stays in the
+// thread's buffer; stage q is nearest_code on the Acc residual:
+//   i_q = argmin_k ||r_q - e^q_k||^2,  r_(q+1) = r_q - e^q_(i_q),  out = sum_q e^q_(i_q)
+template <typename T, typename Acc>
+void residual_search(const T* z, int64_t n, int64_t dim, const std::vector<Stage<Acc>>& stages,
+                     const Plan& plan, const MicroKernels<Acc>& mk, int64_t* indices,
+                     T* quantized) {
+  const int64_t num_stages = static_cast<int64_t>(stages.size()), block = plan.block_rows;
+  at::parallel_for(0, ceil_div(n, block), 1, [&](int64_t b0, int64_t b1) {
+    Scratch<Acc> scratch(plan, dim, mk, static_cast<Acc*>(nullptr));
+    std::vector<Acc> residual(block * dim), sum(block * dim), distances(block);
+    std::vector<int64_t> chosen(block);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * block, rows = std::min(block, n - r0);
+      std::transform(z + r0 * dim, z + (r0 + rows) * dim, residual.begin(),
+                     [](T v) { return static_cast<Acc>(v); });
+      std::fill(sum.begin(), sum.begin() + rows * dim, Acc(0));
+      for (int64_t q = 0; q < num_stages; ++q) {
+        const Stage<Acc>& stage = stages[q];
+        const Problem<Acc, Acc> p{residual.data(), stage.codes.template const_data_ptr<Acc>(),
+                                  stage.sqnorm.template const_data_ptr<Acc>(), rows,
+                                  stage.codes.size(0), dim, chosen.data(), distances.data(), mk};
+        search_block(p, plan, stage.staged, 0, rows, scratch);
+        for (int64_t r = 0; r < rows; ++r) {
+          const Acc* code = p.e + chosen[r] * dim;
+          Acc* res = residual.data() + r * dim;
+          Acc* out = sum.data() + r * dim;
+          for (int64_t d = 0; d < dim; ++d) {
+            res[d] -= code[d];
+            out[d] += code[d];
+          }
+          indices[(r0 + r) * num_stages + q] = chosen[r];
+        }
+      }
+      std::transform(sum.begin(), sum.begin() + rows * dim, quantized + r0 * dim,
+                     [](Acc v) { return static_cast<T>(v); });
+    }
+  });
 }
 
 }  // namespace
@@ -351,6 +306,46 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& z, const a
     search(p);
   });
   return {indices, distances};
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cpu(const at::Tensor& z,
+                                                             at::TensorList codebooks,
+                                                             at::TensorList codebook_sqnorms,
+                                                             std::string_view precision) {
+  VQK_CHECK_DEVICE(z, at::kCPU);
+  check_residual_nearest_code_args(z, codebooks, codebook_sqnorms, precision);
+  for (const at::Tensor& codebook : codebooks) VQK_CHECK_DEVICE(codebook, at::kCPU);
+  const int64_t n = z.size(0), dim = z.size(1), num_stages = codebooks.size();
+  const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor indices = at::empty({n, num_stages}, z.options().dtype(at::kLong));
+  at::Tensor quantized = at::empty({n, dim}, z.options());
+  if (n == 0) return {indices, quantized};
+  const at::Tensor zc = z.contiguous();
+  const auto type = zc.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "residual_nearest_code", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const MicroKernels<Acc> mk = select_micro_kernels<Acc>();
+    const Plan plan = plan_search(n, dim, mk);
+    std::vector<Stage<Acc>> stages;
+    for (int64_t q = 0; q < num_stages; ++q) {
+      at::Tensor codes = codebooks[q].to(acc_type).contiguous();
+      // fp64 ranks by fp64 norms (O(K)); the caller's are fp32.
+      at::Tensor sqnorm = acc_type == at::kDouble
+                              ? codes.square().sum(1)
+                              : codebook_sqnorms[q].reshape({-1}).to(at::kFloat).contiguous();
+      std::vector<Acc> staged;
+      if (plan.direct) {
+        const Problem<Acc, Acc> p{nullptr, codes.const_data_ptr<Acc>(),
+                                  sqnorm.const_data_ptr<Acc>(), 0, codes.size(0), dim, nullptr,
+                                  nullptr, mk};
+        staged = stage_codebook(p, plan.tile);
+      }
+      stages.push_back({std::move(codes), std::move(sqnorm), std::move(staged)});
+    }
+    residual_search(zc.const_data_ptr<scalar_t>(), n, dim, stages, plan, mk,
+                    indices.mutable_data_ptr<int64_t>(), quantized.mutable_data_ptr<scalar_t>());
+  });
+  return {indices, quantized};
 }
 
 }  // namespace vqkernels

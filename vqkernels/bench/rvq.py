@@ -1,6 +1,13 @@
-"""Benchmark cases of residual VQ: ``ResidualVQ``'s training step against vector-quantize-pytorch's.
+"""Benchmark cases of residual VQ: the residual search and ``ResidualVQ``'s training step.
 
-The step is ``vqkernels.bench.quantizer.train_step`` (forward + backward of
+The search (``ops.residual_nearest_code``, "search-..." rows) runs each backend
+against Q separate ``nearest_code`` calls with the residual updated between
+them (``STAGE_LOOP``, on the device's fastest ``nearest_code`` backend) and
+against the loop a user writes in PyTorch, a matmul + argmin a stage (the
+reference row): FLOPs 2 N K D a stage, bytes z read and the output written
+once, the codebooks read once, the (N, Q) indices written.
+
+The training step is ``vqkernels.bench.quantizer.train_step`` (forward + backward of
 ``(quantized * upstream).sum() + losses.sum()``) on a fresh-random batch, both
 modules in training mode with the same codebooks (``rotation_trick=False``:
 the same estimator). The floor counts Q searches of 2 N K D FLOPs at fp32;
@@ -15,9 +22,13 @@ import importlib.util
 
 import torch
 
-from vqkernels.bench.cases import REFERENCE, Case
+from vqkernels.bench.cases import REFERENCE, Case, usable_backends
 from vqkernels.bench.quantizer import train_step
+from vqkernels.bench.search import matmul_argmin
 from vqkernels.nn import ResidualVQ
+from vqkernels.ops import residual, search
+
+STAGE_LOOP = "nearest-code-loop"  # Q separate nearest_code calls, the baseline of the fused search
 
 # (Q, K, D, B, T): an audio codec (64 clips of 750 frames) and an image RQ-VAE (64 latents
 # of 32 x 32); a CPU gets the codec at 16384 frames.
@@ -26,10 +37,41 @@ CPU_SHAPES = ((8, 1024, 128, 16, 1024),)
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if importlib.util.find_spec("vector_quantize_pytorch") is None:
-        return []
+    """The search at every shape, then (with vector-quantize-pytorch) the training step."""
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    return [_train_case(device, *shape) for shape in (shapes[:1] if quick else shapes)]
+    shapes = shapes[:1] if quick else shapes
+    found = [_search_case(device, *shape) for shape in shapes]
+    if importlib.util.find_spec("vector_quantize_pytorch") is not None:
+        found += [_train_case(device, *shape) for shape in shapes]
+    return found
+
+
+def matmul_argmin_stages(z: torch.Tensor, codebooks: torch.Tensor):
+    """The residual search as PyTorch code writes it: a matmul + argmin a stage (N x K each)."""
+    residual_, quantized, indices = z, torch.zeros_like(z), []
+    for codebook in codebooks:
+        indices.append(matmul_argmin(residual_, codebook))
+        codes = codebook[indices[-1]]
+        residual_, quantized = residual_ - codes, quantized + codes
+    return torch.stack(indices, 1), quantized
+
+
+def _search_case(device, q, k, d, b, t) -> Case:
+    n = b * t
+    z = torch.randn(n, d, device=device)
+    stage_scale = torch.arange(1, q + 1, device=device)[:, None, None]  # later stages finer
+    books = torch.randn(q, k, d, device=device) / stage_scale
+    kernels = [name for name in usable_backends(residual.DISPATCH, device, z.dtype, dim=d)
+               if name != REFERENCE]
+    fastest = search.DISPATCH.select(None, device, z.dtype, dim=d).name
+    fns = {REFERENCE: functools.partial(matmul_argmin_stages, z, books),
+           STAGE_LOOP: functools.partial(residual.stage_by_stage(fastest), z, books.unbind(0),
+                                         search.default_precision(z.dtype))}
+    for name in kernels:
+        fns[name] = functools.partial(residual.residual_nearest_code, z, books, backend=name)
+    return Case(op="rvq", shape=f"search-Q{q}xN{n}xK{k}xD{d}", fns=fns,
+                bytes=4 * (2 * n * d + q * k * d) + 8 * n * q, flops=2 * q * n * k * d,
+                flop_dtype="fp32", baselines=(STAGE_LOOP,))
 
 
 def _train_case(device, q, k, d, b, t) -> Case:

@@ -3,13 +3,16 @@
 Baselines are the PyTorch a user would write, at the same precision: the
 matmul expansion ``|z|^2 - 2 z e^T + |e|^2`` then ``argmin`` (the "reference"
 row, every speed-up is against it) and ``torch.cdist`` then ``argmin``. Both
-build the N x K distance matrix; the kernels never do. FLOPs: 2 N K D (the
+build the N x K distance matrix; the kernels never do. On a CPU, where it is
+installed, faiss's exact ``IndexFlatL2`` search ("faiss-flat") is one more, at
+fp32 (an optional comparison, not a dependency). FLOPs: 2 N K D (the
 z e^T products); bytes: z and the codebook read once, indices and distances
 written once (and, with statistics, the (K,) counts and (K, D) sums).
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
@@ -21,6 +24,7 @@ GPU_SHAPES = ((65536, 1024, 256), (65536, 16384, 256), (65536, 16384, 8), (65536
 CPU_SHAPES = ((16384, 1024, 256), (16384, 16384, 8))
 GPU_PRECISIONS = ((torch.bfloat16, "bf16"), (torch.float32, "tf32"), (torch.float32, "ieee"))
 FLOP_CEILING = {"ieee": "fp32", "tf32": "tf32", "bf16": "bf16"}
+FAISS = "faiss-flat"
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -60,10 +64,24 @@ def _case(device, n, k, d, dtype, precision) -> Case:
         if name != REFERENCE:  # the spec's exact N x K x D search is not a contender
             fns[name] = functools.partial(search.nearest_code, z, codebook, precision=precision,
                                           backend=name)
+    baselines = ()
+    if device.type == "cpu" and dtype == torch.float32 and importlib.util.find_spec("faiss"):
+        fns[FAISS], baselines = faiss_flat_search(z, codebook), (FAISS,)
     size = z.element_size()
     return Case(op="search", shape=f"N{n}xK{k}xD{d}-{precision}", fns=fns,
                 bytes=(n + k) * d * size + n * (8 + 4), flops=2 * n * k * d,
-                flop_dtype=FLOP_CEILING[precision])
+                flop_dtype=FLOP_CEILING[precision], baselines=baselines)
+
+
+def faiss_flat_search(z: torch.Tensor, codebook: torch.Tensor):
+    """faiss's exact L2 search of z's rows in an ``IndexFlatL2`` of the codebook (built here,
+    outside the timed call); the call returns the nearest code's index and squared distance."""
+    import faiss
+
+    index = faiss.IndexFlatL2(codebook.shape[1])
+    index.add(codebook.numpy())
+    queries = z.numpy()
+    return functools.partial(index.search, queries, 1)
 
 
 def matmul_argmin_stats(z: torch.Tensor, codebook: torch.Tensor):

@@ -1,9 +1,11 @@
 """Residual nearest-code search: Q codebooks, each searching what the stages before it left.
 
-``ops.nearest_code`` per stage, on the chosen backend, with the residual and
-the running sum in float32 (float64 for float64 z): no N x K buffer, but Q
-launches that each read the residual. One kernel that keeps the residual on
-chip across stages is the next step (issue 17); this op is its contract.
+The C++ CPU backend is one fused pass: each thread takes a block of rows
+through every stage, its residual kept in the thread's buffer, so z is read
+once, the quantized sum written once, and no stage goes back to memory. The
+other backends run ``ops.nearest_code`` stage by stage on that backend, the
+residual and the running sum in float32 (float64 for float64 z); fused CUDA
+and Triton kernels are the next step. No backend builds an N x K buffer.
 """
 from __future__ import annotations
 
@@ -11,7 +13,49 @@ from collections.abc import Sequence
 
 import torch
 
-from vqkernels.ops.search import default_precision, nearest_code
+from vqkernels import _ext
+from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.ops.search import (DTYPES, GPU_DTYPES, MAX_KERNEL_DIM, PRECISIONS, _dim_limit,
+                                  _sqnorm, default_precision, nearest_code)
+
+
+def _run_compiled(z, books, precision):
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    # The norms of the codes as the stages search them (in acc), so every backend ranks alike.
+    sqnorms = [_sqnorm(book.to(acc)) for book in books]
+    return torch.ops.vqkernels.residual_nearest_code(z.contiguous(), books, sqnorms, precision)
+
+
+def stage_by_stage(backend):
+    """The search as Q ``nearest_code`` calls on ``backend``, the residual updated between."""
+    def run(z, books, precision, metric="l2"):
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        residual = z.to(acc)
+        quantized = torch.zeros_like(residual)
+        indices = torch.empty((z.shape[0], len(books)), dtype=torch.int64, device=z.device)
+        for q, book in enumerate(books):
+            book = book.to(acc)
+            ind, _ = nearest_code(residual, book, metric=metric, precision=precision,
+                                  backend=backend)
+            codes = book.index_select(0, ind)
+            residual = residual - codes
+            quantized += codes
+            indices[:, q] = ind
+        return indices, quantized.to(z.dtype)
+    return run
+
+
+DISPATCH = OpDispatch(
+    op="residual_nearest_code",
+    backends={
+        "reference": Backend("reference", stage_by_stage("reference")),
+        "cpu": Backend("cpu", _run_compiled, DTYPES, _dim_limit(MAX_KERNEL_DIM)),
+        "cuda": Backend("cuda", stage_by_stage("cuda"), GPU_DTYPES, _dim_limit(MAX_KERNEL_DIM)),
+        "triton": Backend("triton", stage_by_stage("triton"), GPU_DTYPES,
+                          _dim_limit(MAX_KERNEL_DIM)),
+    },
+    auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
+)
 
 
 def residual_nearest_code(
@@ -31,29 +75,24 @@ def residual_nearest_code(
     all of z's dtype and device. Returns ``indices`` (N, Q) int64 and
     ``quantized`` (N, D) in z's dtype. ``metric``, ``precision`` and
     ``backend`` as ``nearest_code`` (the default precision follows z's dtype,
-    the stages search the float32 residual at that precision).
+    the stages search the float32 residual at that precision). ``cosine``
+    normalizes each stage's residual, so it runs stage by stage on any backend.
     """
-    books = _validate(z, codebooks)
+    books = _validate(z, codebooks, metric, precision)
     precision = default_precision(z.dtype) if precision is None else precision
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    residual = z.to(dtype)
-    quantized = torch.zeros_like(residual)
-    indices = torch.empty((z.shape[0], len(books)), dtype=torch.int64, device=z.device)
-    for q, codebook in enumerate(books):
-        codebook = codebook.to(dtype)
-        ind, _ = nearest_code(residual, codebook, metric=metric, precision=precision,
-                              backend=backend)
-        codes = codebook.index_select(0, ind)
-        residual = residual - codes
-        quantized += codes
-        indices[:, q] = ind
-    return indices, quantized.to(z.dtype)
+    chosen = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1])
+    if metric == "cosine":
+        return stage_by_stage(chosen.name)(z, books, precision, metric)
+    return chosen.run(z, books, precision)
 
 
-def _validate(z, codebooks) -> list[torch.Tensor]:
+def _validate(z, codebooks, metric, precision) -> list[torch.Tensor]:
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be a 2-D (N, D) tensor, got "
                          f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    if z.dtype not in DTYPES or z.shape[1] < 1:
+        raise ValueError(f"z must be float32, float16, bfloat16 or float64 with D >= 1, got "
+                         f"{z.dtype} {tuple(z.shape)}")
     if isinstance(codebooks, torch.Tensor):
         if codebooks.dim() != 3:
             raise ValueError(f"codebooks must be (Q, K, D) or a sequence of (K, D), got shape "
@@ -67,7 +106,23 @@ def _validate(z, codebooks) -> list[torch.Tensor]:
         if not isinstance(book, torch.Tensor) or book.dim() != 2 or book.shape[1] != z.shape[1]:
             shape = tuple(book.shape) if isinstance(book, torch.Tensor) else type(book).__name__
             raise ValueError(f"codebooks[{q}] must be a (K, D={z.shape[1]}) tensor, got {shape}")
+        if book.shape[0] < 1:
+            raise ValueError(f"codebooks[{q}] must have at least one code (K >= 1)")
         if book.dtype != z.dtype or book.device != z.device:
             raise ValueError(f"codebooks[{q}] must have z's dtype and device ({z.dtype}, "
                              f"{z.device}), got {book.dtype}, {book.device}")
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return books
+
+
+# --- torch.library registration ------------------------------------------------------------
+
+def _fake_residual_nearest_code(z, codebooks, codebook_sqnorms, precision):
+    return z.new_empty((z.shape[0], len(codebooks)), dtype=torch.int64), z.new_empty(z.shape)
+
+
+if _ext._C is not None and hasattr(torch.ops.vqkernels, "residual_nearest_code"):
+    torch.library.register_fake("vqkernels::residual_nearest_code", _fake_residual_nearest_code)
