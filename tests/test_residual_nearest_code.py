@@ -164,3 +164,46 @@ def test_fused_kernel_memory_is_not_n_by_k():
     assert out.returncode == 0, out.stdout + out.stderr
     growth_mib = float(out.stdout.split()[-1])
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.1f} MiB"
+
+
+# --- the fused Triton kernel ----------------------------------------------------------------
+
+TRITON_DEVICES = [pytest.param("cpu", id="interp", marks=pytest.mark.interpreter),
+                  pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+def test_fused_triton_kernel_is_the_stage_loop(device, precision, generator):
+    """Several programs, K over several tiles, D padded to its power of two, a NaN row and
+    an inf code: the fused kernel takes each stage's nearest_code decision."""
+    z, books = separated_problem(generator, torch.float32, n=50, d=5)
+    books[0] = torch.cat([books[0], books[0] + 1000.0])  # 10 codes, the copies never win
+    books.append(torch.randn(70, 5, generator=generator, dtype=torch.float64).float() / 10)
+    z[7] = float("nan")
+    books[2][0] = float("inf")
+    z, books = z.to(device), [book.to(device) for book in books]
+    fused = ops.residual_nearest_code(z, books, precision=precision, backend="triton")
+    loop = residual.stage_by_stage("triton")(z, books, precision)
+    assert torch.equal(fused[0], loop[0])
+    torch.testing.assert_close(fused[1], loop[1], equal_nan=True)
+    assert (fused[0][7] == 0).all()  # its quantized row is the sum of the codes 0: inf here
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_beyond_the_fused_width_runs_stage_by_stage(device, generator):
+    z, books = separated_problem(generator, torch.float32, n=6, d=4)
+    z = torch.cat([z, torch.zeros(6, 296, dtype=z.dtype)], 1)  # D = 300 > MAX_DIM
+    books = [torch.cat([book, torch.zeros(book.shape[0], 296, dtype=book.dtype)], 1)
+             for book in books]
+    got = ops.residual_nearest_code(z.to(device), [b.to(device) for b in books], backend="triton")
+    expected = reference.residual_nearest_code(z, books)
+    assert torch.equal(got[0].cpu(), expected[0])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_fused_triton_kernel_opcheck(device, generator):
+    z, books = random_problem(generator, n=20)
+    z, books = z.to(device), [book.to(device) for book in books]
+    torch.library.opcheck(torch.ops.vqkernels.residual_nearest_code_triton.default,
+                          (z, books, [book.square().sum(1) for book in books], "ieee"))

@@ -20,7 +20,7 @@ COMPILE_ALL = textwrap.dedent(r'''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqkernels.triton import adaln, attention, ddim, ema, search, timestep
+    from vqkernels.triton import adaln, attention, ddim, ema, residual, search, timestep
 
     TARGET = GPUTarget("cuda", 90, 32)
     done = 0
@@ -55,6 +55,20 @@ COMPILE_ALL = textwrap.dedent(r'''
                                       **blocks),
                                  config.num_warps, config.num_stages, aligned=True)
                 assert compiled.metadata.shared <= 227 * 1024, (family, config, d, stats)
+
+    # residual search: every config at D = 128 in bf16, the first at the other dots and widths.
+    for z, precision, dims, configs in (("*bf16", "bf16", (128,), residual._CONFIGS),
+                                        ("*bf16", "bf16", (8, 256), residual._CONFIGS[:1]),
+                                        ("*fp32", "tf32", (128,), residual._CONFIGS[:1]),
+                                        ("*fp32", "ieee", (128,), residual._CONFIGS[:1])):
+        for config in configs:
+            for d in dims:
+                compiled = build(residual._residual_search_kernel,
+                                 dict(z_ptr=z, books_ptr=z, sqnorms_ptr="*fp32", starts_ptr="*i32",
+                                      idx_ptr="*i64", out_ptr=z), dict(N="i32", Q="i32"),
+                                 dict(D=d, PRECISION=precision, BLOCK_D=max(16, d), **config.kwargs),
+                                 config.num_warps, config.num_stages, aligned=True)
+                assert compiled.metadata.shared <= 227 * 1024, (config, d, precision)
 
     blocks = ema._blocks(256)
     for z in ("*fp32", "*bf16"):

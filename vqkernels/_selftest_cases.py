@@ -16,15 +16,15 @@ import torch
 
 from vqkernels import ops
 from vqkernels._dispatch import OpDispatch
-from vqkernels.ops import adaln, ddim, ema, search, timestep
+from vqkernels.ops import adaln, ddim, ema, residual, search, timestep
 from vqkernels.ops.flash_attention import DISPATCH as ATTENTION_DISPATCH
 from vqkernels.reference import attention as ref_attention
 from vqkernels.reference import ddim as ref_ddim
 from vqkernels.reference import ema as ref_ema
 from vqkernels.reference import search as ref_search
 from vqkernels.reference import timestep as ref_timestep
-from vqkernels.testing import (ADALN_OPS, adaln_magnitudes, attention_magnitudes, code_stats_errors,
-                               contract_error, max_abs, nearest_errors)
+from vqkernels.testing import (ADALN_OPS, SEARCH_RTOL, adaln_magnitudes, attention_magnitudes,
+                               code_stats_errors, contract_error, max_abs, nearest_errors)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 Errors = dict[str, tuple[float, float]]
@@ -139,6 +139,33 @@ def check_vector_quantize(backend, device, dtype, generator) -> Errors:
     errors = _judge("vector_quantize", dtype, ["z_q", "loss"], got[0], same[0], truth[0])
     errors.update(_judge("vector_quantize", dtype, ["grad z", "grad codebook"], got[1], same[1],
                          truth[1], kind="gradient"))
+    return errors
+
+
+def check_residual_nearest_code(backend, device, dtype, generator) -> Errors:
+    """Three stages, each finer: stage q's code is judged against the exact (fp64) residual the
+    chosen codes before it leave; the stages search a float32 residual (float64 for float64),
+    at bf16 products for 16-bit input, so their bound is the float32 search's."""
+    books = [_randn((K - 40 * q, D), generator, dtype, scale=0.5 ** q) for q in range(3)]
+    z = _randn((N, D), generator, dtype)
+    indices, quantized = ops.residual_nearest_code(z.to(device), [b.to(device) for b in books],
+                                                   backend=backend)
+    if indices.dtype != torch.int64 or tuple(indices.shape) != (N, len(books)):
+        raise ValueError(f"indices must be int64 ({N}, {len(books)}), got {indices.dtype} "
+                         f"{tuple(indices.shape)}")
+    _expect_dtype(quantized, dtype, "quantized")
+    search_dtype = dtype if dtype in (F32, F64) else F32
+    rtol = SEARCH_RTOL[(search_dtype, search.default_precision(dtype))]
+    residual, total, errors = z.double(), torch.zeros(N, D, dtype=F64), {}
+    for q, (book, chosen) in enumerate(zip(books, indices.cpu().unbind(1))):
+        codes = book.double()
+        true = ((residual[:, None, :] - codes[None]) ** 2).sum(-1)
+        gap = true.gather(1, chosen[:, None])[:, 0] - true.min(1).values
+        scale = residual.square().sum(1) + codes.square().sum(1).max()
+        errors[f"stage {q} indices"] = ((gap / scale).max().item(), rtol)
+        residual, total = residual - codes[chosen], total + codes[chosen]
+    error = ((quantized.cpu().double() - total).abs() / total.abs().clamp(min=1)).max().item()
+    errors["quantized"] = (error, 4 * torch.finfo(dtype).eps)  # fp32 sums, one rounding to dtype
     return errors
 
 
@@ -287,6 +314,8 @@ CASES = (
          _search_facts),
     Case("nearest_code_with_stats", search.DISPATCH, (F32, F64, F16, BF16),
          check_nearest_code_with_stats, _search_facts),
+    Case("residual_nearest_code", residual.DISPATCH, (F32, F64, F16, BF16),
+         check_residual_nearest_code, _search_facts),
     Case("code_counts_and_sums", ema.STATS_DISPATCH, (F32, F64, F16, BF16),
          check_code_counts_and_sums, _plain),
     Case("ema_update_", ema.DISPATCH, (F32, F64, F16, BF16), check_ema_update,

@@ -1,11 +1,13 @@
 """Residual nearest-code search: Q codebooks, each searching what the stages before it left.
 
-The C++ CPU backend is one fused pass: each thread takes a block of rows
-through every stage, its residual kept in the thread's buffer, so z is read
-once, the quantized sum written once, and no stage goes back to memory. The
-other backends run ``ops.nearest_code`` stage by stage on that backend, the
-residual and the running sum in float32 (float64 for float64 z); fused CUDA
-and Triton kernels are the next step. No backend builds an N x K buffer.
+The C++ CPU and Triton backends are one fused pass: a thread (a program)
+takes a block of rows through every stage, its residual kept in the thread's
+buffer (in registers), so z is read once, the quantized sum written once, and
+no stage goes back to memory. Triton does so for D <= 256 (the residual row in
+registers). Otherwise, and on the CUDA backend (its fused kernel is still to
+come), ``ops.nearest_code`` runs stage by stage on that backend, the residual
+and the running sum in float32 (float64 for float64 z). No backend builds an
+N x K buffer.
 """
 from __future__ import annotations
 
@@ -19,11 +21,25 @@ from vqkernels.ops.search import (DTYPES, GPU_DTYPES, MAX_KERNEL_DIM, PRECISIONS
                                   _sqnorm, default_precision, nearest_code)
 
 
-def _run_compiled(z, books, precision):
+def _norms(z, books):
+    """|e|^2 of the codes as the stages search them (in float32, float64 for float64)."""
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    # The norms of the codes as the stages search them (in acc), so every backend ranks alike.
-    sqnorms = [_sqnorm(book.to(acc)) for book in books]
-    return torch.ops.vqkernels.residual_nearest_code(z.contiguous(), books, sqnorms, precision)
+    return [_sqnorm(book.to(acc)) for book in books]
+
+
+def _run_compiled(z, books, precision):
+    return torch.ops.vqkernels.residual_nearest_code(z.contiguous(), books, _norms(z, books),
+                                                     precision)
+
+
+def _run_triton(z, books, precision):
+    from vqkernels.triton.residual import MAX_DIM  # imports triton on first use
+
+    if z.shape[1] > MAX_DIM:
+        return stage_by_stage("triton")(z, books, precision)
+    books = [book.contiguous() for book in books]
+    return torch.ops.vqkernels.residual_nearest_code_triton(z.contiguous(), books,
+                                                            _norms(z, books), precision)
 
 
 def stage_by_stage(backend):
@@ -51,8 +67,7 @@ DISPATCH = OpDispatch(
         "reference": Backend("reference", stage_by_stage("reference")),
         "cpu": Backend("cpu", _run_compiled, DTYPES, _dim_limit(MAX_KERNEL_DIM)),
         "cuda": Backend("cuda", stage_by_stage("cuda"), GPU_DTYPES, _dim_limit(MAX_KERNEL_DIM)),
-        "triton": Backend("triton", stage_by_stage("triton"), GPU_DTYPES,
-                          _dim_limit(MAX_KERNEL_DIM)),
+        "triton": Backend("triton", _run_triton, GPU_DTYPES, _dim_limit(MAX_KERNEL_DIM)),
     },
     auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
 )
@@ -124,5 +139,15 @@ def _fake_residual_nearest_code(z, codebooks, codebook_sqnorms, precision):
     return z.new_empty((z.shape[0], len(codebooks)), dtype=torch.int64), z.new_empty(z.shape)
 
 
+@torch.library.custom_op("vqkernels::residual_nearest_code_triton", mutates_args=())
+def _residual_nearest_code_triton(z: torch.Tensor, codebooks: list[torch.Tensor],
+                                  codebook_sqnorms: list[torch.Tensor], precision: str
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    from vqkernels.triton import residual as triton_residual
+
+    return triton_residual.residual_nearest_code(z, codebooks, codebook_sqnorms, precision)
+
+
+torch.library.register_fake("vqkernels::residual_nearest_code_triton", _fake_residual_nearest_code)
 if _ext._C is not None and hasattr(torch.ops.vqkernels, "residual_nearest_code"):
     torch.library.register_fake("vqkernels::residual_nearest_code", _fake_residual_nearest_code)

@@ -112,8 +112,9 @@ def _scan_tile(z, z_rows, row_ok, e_ptr, sqnorm_ptr, k0, K, best, best_idx,
     e_rows = e_ptr + codes.to(tl.int64)[:, None] * D
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     if D <= BLOCK_D:
+        # In z's dtype: the residual search's z is its fp32 residual, its codes may be 16-bit.
         e = tl.load(e_rows + d_offs[None, :], mask=code_ok[:, None] & (d_offs < D)[None, :],
-                    other=0.0)
+                    other=0.0).to(z.dtype)
         acc = _dot_codes(z, e, acc, PRECISION)
     else:
         for d0 in range(0, D, BLOCK_D):
