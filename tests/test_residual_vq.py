@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vqkernels.nn import (GroupedResidualVQ, ReferenceGroupedResidualVQ, ReferenceResidualVQ,
-                          ResidualVQ)
+                          ResidualVQ, residual_vq)
 
 DIM = 8
 CONFIGS = {  # name: (constructor options, input shape)
@@ -191,3 +191,21 @@ def test_bad_calls_name_the_problem(generator):
         rvq.get_codes_from_indices(torch.zeros(2, 3, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="groups"):
         GroupedResidualVQ(dim=DIM, groups=3, num_quantizers=2, codebook_size=5)
+
+
+@pytest.mark.parametrize("config", ["default", "dead codes", "sizes per stage", "dropout",
+                                    "projection", "cosine"])
+def test_one_search_for_all_stages_is_the_stage_by_stage_module(config, generator, monkeypatch):
+    """After the first step (the stages' init) every step searches all stages in one
+    ops.residual_nearest_code; the module trains as its stages searching one by one do."""
+    options, shape = CONFIGS[config]
+    torch.manual_seed(0)
+    fused, staged = ResidualVQ(dim=DIM, **options), ResidualVQ(dim=DIM, **options)
+    staged.fuse_stages = False
+    staged.load_state_dict(fused.state_dict())
+    searches = []
+    search = residual_vq.ops.residual_nearest_code
+    monkeypatch.setattr(residual_vq.ops, "residual_nearest_code",
+                        lambda *args, **kwargs: searches.append(1) or search(*args, **kwargs))
+    assert_steps_match(fused, staged, shape, generator)
+    assert len(searches) == (0 if config == "cosine" else 2)  # steps 2 and 3

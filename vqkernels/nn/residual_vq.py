@@ -6,10 +6,11 @@ the output is ``sum_q Q_q(r_q)``. Each stage is a ``VectorQuantize`` (fused
 search + EMA statistics, no N x K buffer) with vector-quantize-pytorch 1.32's
 constructor, forward contract, random draws and state dict
 (``layers.{q}._codebook.*``, ``rvqs.{g}.layers.{q}._codebook.*``), so training
-code and checkpoints carry over. Under ``torch.distributed`` the stages' EMA
-statistics go in one all-reduce a step (``update_deferred_stages``), not one a
-stage. The stages still run one after another; one launch for all of them
-(``ops.residual_nearest_code``, fused) is the next step.
+code and checkpoints carry over. Once the stages are initialized, one
+``ops.residual_nearest_code`` searches all of them (fused: z read once), and
+the stages take their codes from it. Under ``torch.distributed`` the stages'
+EMA updates wait for the last stage (``update_deferred_stages``), so that the
+statistics of all of them go in one all-reduce a step.
 ``ReferenceResidualVQ`` / ``ReferenceGroupedResidualVQ`` are the twins on the
 pure-PyTorch ``ReferenceVectorQuantize``.
 """
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vqkernels.nn.vector_quantize import ReferenceVectorQuantize, VectorQuantize
+from vqkernels import ops
 from vqkernels.nn._options import split_default_only
 from vqkernels.ops.codebook_init import in_multi_rank_group
 
@@ -58,6 +60,7 @@ class ResidualVQ(nn.Module):
     """
 
     quantizer_class = VectorQuantize
+    fuse_stages = True  # one ops.residual_nearest_code for every stage's search
 
     def __init__(self, *, dim: int, num_quantizers: int | None = None,
                  codebook_size: int | tuple[int, ...], codebook_dim: int | None = None,
@@ -117,6 +120,7 @@ class ResidualVQ(nn.Module):
         x = self.project_in(x)
         quantized_out, residual = torch.zeros_like(x), x
         all_indices, losses = [], []
+        given = self._search_all_stages(x, last)
         deferred = [] if self.training and self._syncs_statistics() else None
         try:
             for q, layer in enumerate(self.layers):
@@ -124,7 +128,7 @@ class ResidualVQ(nn.Module):
                     all_indices.append(torch.full_like(all_indices[0], -1))
                     losses.append(torch.zeros_like(losses[0]))
                     continue
-                layer._deferred = deferred
+                layer._deferred, layer._given_indices = deferred, given[q] if given else None
                 quantized, ind, loss = layer(residual, freeze_codebook=freeze_codebook)
                 residual = residual - quantized.detach()
                 quantized_out = quantized_out + quantized
@@ -132,12 +136,30 @@ class ResidualVQ(nn.Module):
                 losses.append(loss)
         finally:
             for layer in self.layers:
-                layer._deferred = None
+                layer._deferred, layer._given_indices = None, None
         if deferred:
-            update_deferred_stages(deferred)
+            update_deferred_stages(deferred, self._syncs_statistics())
         all_indices = torch.stack(all_indices, dim=-1)
         out = (self.project_out(quantized_out), all_indices, torch.stack(losses))
         return out + (self.get_codes_from_indices(all_indices),) if return_all_codes else out
+
+    def _search_all_stages(self, x, last) -> list[torch.Tensor] | None:
+        """Each running stage's indices (flat), from one ``ops.residual_nearest_code`` over
+        the residuals in float32; None where the stages search one by one: a stage still to
+        be k-means initialized (it reads its residual first), cosine similarity, feature maps.
+        The stages then subtract their codes as vector-quantize-pytorch does (x + sg(q - x)),
+        so a residual may differ from the fused one in its last bit: a near-tie may go the
+        other way (the numerics contract of a search)."""
+        layers = self.layers[:last + 1]
+        if not self.fuse_stages or self.accept_image_fmap or x.dim() not in (2, 3) or any(
+                layer._initted is not True or layer.use_cosine_sim for layer in layers):
+            return None
+        flat = x.detach().reshape(-1, self.codebook_dim).float()
+        with torch.no_grad():
+            indices, _ = ops.residual_nearest_code(
+                flat, [layer.codebook for layer in layers], precision=layers[0].precision,
+                backend=layers[0].backend)
+        return list(indices.unbind(1))
 
     def _syncs_statistics(self) -> bool:
         """Do the stages all-reduce their batch statistics (VectorQuantize's sync_codebook)?"""
@@ -173,26 +195,31 @@ class ResidualVQ(nn.Module):
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
 
-def update_deferred_stages(deferred: list) -> None:
-    """The EMA steps the stages deferred, after one all-reduce of all their statistics.
+def update_deferred_stages(deferred: list, all_reduce: bool) -> None:
+    """The EMA steps the stages deferred, after every stage has searched.
 
     A stage's update changes only its own codebook, which no later stage of the same step
     reads, so updating after every stage has searched gives what updating each in turn
-    gives, with one collective a step instead of one a stage. ``deferred``: (stage, batch,
-    indices, ema_update, (counts, sums)) in stage order.
+    gives. With ``all_reduce``, one collective sums all the stages' statistics over the
+    ranks. ``deferred``: (stage, batch, indices, ema_update, (counts, sums) or None: not
+    made by the search) in stage order.
     """
-    stats = torch.cat([torch.cat([counts[:, None], sums], dim=1)
-                       for *_, (counts, sums) in deferred])
-    dist.all_reduce(stats)
-    for (stage, flat, ind, ema_update, _), part in zip(
-            deferred, stats.split([stage.codebook_size for stage, *_ in deferred])):
-        stage._update(flat, ind, ema_update, (part[:, 0], part[:, 1:]))
+    stats = [stage._local_stats(flat, ind) if stats is None else stats
+             for stage, flat, ind, _, stats in deferred]
+    if all_reduce:
+        flat = torch.cat([torch.cat([counts[:, None], sums], dim=1) for counts, sums in stats])
+        dist.all_reduce(flat)
+        stats = [(part[:, 0], part[:, 1:])
+                 for part in flat.split([stage.codebook_size for stage, *_ in deferred])]
+    for (stage, flat, ind, ema_update, _), stage_stats in zip(deferred, stats):
+        stage._update(flat, ind, ema_update, stage_stats)
 
 
 class ReferenceResidualVQ(ResidualVQ):
     """``ResidualVQ`` on the pure-PyTorch ``ReferenceVectorQuantize`` stages (parity twin)."""
 
     quantizer_class = ReferenceVectorQuantize
+    fuse_stages = False
 
 
 class GroupedResidualVQ(nn.Module):

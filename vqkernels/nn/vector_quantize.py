@@ -284,14 +284,18 @@ class VectorQuantize(_VectorQuantizeBase):
                  backend: str | None = None, **kwargs):
         super().__init__(dim, codebook_size, codebook_dim, **kwargs)
         self.precision, self.backend = precision, backend
-        # Set by ResidualVQ while its stages run under sync_codebook: each stage leaves its
-        # batch statistics there un-reduced, and the stages' updates wait for one collective
-        # over all of them (vqkernels.nn.residual_vq.update_deferred_stages).
+        # Set by ResidualVQ for one call. _deferred: the stage leaves its batch (and the
+        # statistics its search made) there, and the stages' updates wait for one pass over
+        # all of them (vqkernels.nn.residual_vq.update_deferred_stages). _given_indices: this
+        # stage's codes, from ResidualVQ's one search of all its stages.
         self._deferred: list | None = None
+        self._given_indices: torch.Tensor | None = None
 
     def _search(self, flat, embed, with_stats):
         """The l2 training step searches and gathers the EMA statistics in one op (one read
         of the batch where the backend fuses them, see ops.nearest_code_with_stats)."""
+        if self._given_indices is not None:
+            return self._given_indices, None
         if with_stats and not self.use_cosine_sim:
             ind, _, *stats = ops.nearest_code_with_stats(
                 flat, embed, precision=self.precision, backend=self.backend,
@@ -303,7 +307,6 @@ class VectorQuantize(_VectorQuantizeBase):
     def _learn(self, flat, ind, ema_update, stats):
         if self._deferred is None:
             return self._update(flat, ind, ema_update, stats)
-        stats = self._local_stats(flat, ind) if stats is None else stats
         self._deferred.append((self, flat, ind, ema_update, stats))
 
     def _kmeans(self, flat):
