@@ -74,6 +74,7 @@ TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cuda);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cuda);
   m.impl("nearest_code", &vqkernels::nearest_code_cuda);
+  m.impl("residual_nearest_code", &vqkernels::residual_nearest_code_cuda);
   m.impl("attention_forward", &vqkernels::attention_forward_cuda);
   m.impl("adaln_forward", &vqkernels::adaln_forward_cuda);
   m.impl("adaln_backward", &vqkernels::adaln_backward_cuda);

@@ -42,6 +42,10 @@ std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cpu(const at::Tensor& z
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
                                                      const at::Tensor& codebook_sqnorm,
                                                      std::string_view precision);
+std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cuda(const at::Tensor& z,
+                                                              at::TensorList codebooks,
+                                                              at::TensorList codebook_sqnorms,
+                                                              std::string_view precision);
 #endif
 
 // EMA codebook update (see vqkernels/reference/ema.py, math in csrc/common/ema.h).

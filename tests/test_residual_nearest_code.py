@@ -1,5 +1,6 @@
 """ops.residual_nearest_code on every backend against the reference, and its argument checks."""
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,33 @@ def test_fused_triton_kernel_opcheck(device, generator):
     z, books = z.to(device), [book.to(device) for book in books]
     torch.library.opcheck(torch.ops.vqkernels.residual_nearest_code_triton.default,
                           (z, books, [book.square().sum(1) for book in books], "ieee"))
+
+
+def test_the_cuda_limits_are_the_kernels():
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "kernels.h").read_text()
+    assert f"kMaxResidualStages = {residual.CUDA_MAX_STAGES};" in header
+    assert f"kResidualMaxDim = {residual.CUDA_MAX_DIM};" in header
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [3, 8, 40, 64])
+def test_fused_cuda_kernel_is_the_stage_loop_bit_for_bit(dtype, d, generator):
+    """Both rank by the exact fp32 distance of the fp32 residual, in increasing d."""
+    z, books = random_problem(generator, n=1000, d=d, sizes=(70, 1, 33, 300), dtype=dtype)
+    z[5] = float("nan")
+    books[2][0] = float("inf")
+    z, books = z.cuda(), [book.cuda() for book in books]
+    fused = ops.residual_nearest_code(z, books, backend="cuda")
+    loop = residual.stage_by_stage("cuda")(z, books, residual.default_precision(dtype))
+    assert torch.equal(fused[0], loop[0])
+    torch.testing.assert_close(fused[1], loop[1], rtol=0, atol=0, equal_nan=True)
+    assert (fused[0][5] == 0).all()
+
+
+@pytest.mark.cuda
+def test_cuda_beyond_the_fused_width_runs_stage_by_stage(generator):
+    z, books = separated_problem(generator, torch.float32, n=300, d=4)
+    pad = lambda t: torch.cat([t, torch.zeros(t.shape[0], 61, dtype=t.dtype)], 1)  # D = 65
+    got = ops.residual_nearest_code(pad(z).cuda(), [pad(b).cuda() for b in books], backend="cuda")
+    assert torch.equal(got[0].cpu(), reference.residual_nearest_code(z, books)[0])

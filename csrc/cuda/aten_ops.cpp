@@ -1,7 +1,9 @@
 // ATen-facing launchers of the CUDA kernels: tensors in, raw pointers out.
 // Compiled by the host compiler; the kernels themselves live in the .cu files.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -51,6 +53,37 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const 
       indices.mutable_data_ptr<int64_t>(), distances.mutable_data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream()));
   return {indices, distances};
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cuda(const at::Tensor& z,
+                                                              at::TensorList codebooks,
+                                                              at::TensorList codebook_sqnorms,
+                                                              std::string_view precision) {
+  VQK_CHECK_DEVICE(z, at::kCUDA);
+  check_residual_nearest_code_args(z, codebooks, codebook_sqnorms, precision);
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kHalf ||
+                  z.scalar_type() == at::kBFloat16,
+              "residual_nearest_code on CUDA takes float32, float16 or bfloat16, got ",
+              z.scalar_type());
+  TORCH_CHECK(z.size(1) <= cuda::kResidualMaxDim, "residual_nearest_code on CUDA takes D <= ",
+              cuda::kResidualMaxDim, ", got ", z.size(1));
+  TORCH_CHECK(static_cast<int64_t>(codebooks.size()) <= cuda::kMaxResidualStages,
+              "residual_nearest_code on CUDA takes at most ", cuda::kMaxResidualStages,
+              " codebooks, got ", codebooks.size());
+  cuda::ResidualStages stages{static_cast<int>(codebooks.size()), {0}};
+  for (size_t q = 0; q < codebooks.size(); ++q) {
+    TORCH_CHECK(codebooks[q].device() == z.device(), "codebooks[", q, "] must be on z's device");
+    stages.start[q + 1] = stages.start[q] + codebooks[q].size(0);
+  }
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor zc = z.contiguous(), books = at::cat(codebooks).contiguous();
+  at::Tensor indices = at::empty({zc.size(0), stages.count}, zc.options().dtype(at::kLong));
+  at::Tensor out = at::empty_like(zc);
+  C10_CUDA_CHECK(cuda::launch_residual_nearest_code(
+      zc.const_data_ptr(), books.const_data_ptr(), stages, to_dtype(zc.scalar_type()),
+      zc.size(0), zc.size(1), indices.mutable_data_ptr<int64_t>(), out.mutable_data_ptr(),
+      c10::cuda::getCurrentCUDAStream()));
+  return {indices, out};
 }
 
 // --- EMA codebook update (kernels in ema.cu) ---------------------------------------------

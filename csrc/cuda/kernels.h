@@ -24,6 +24,21 @@ cudaError_t launch_nearest_code(const void* z, const void* codebook, DType dtype
                                 int64_t k, int64_t dim, unsigned long long* keys,
                                 int64_t* indices, float* distances, cudaStream_t stream);
 
+// Residual search (csrc/cuda/residual_search.cu) of z (n, dim <= kResidualMaxDim)
+// through stages.count codebooks concatenated in books (rows [start[q],
+// start[q + 1]) for stage q), all contiguous and of dtype (fp32 / fp16 / bf16).
+// Writes indices (n, count) and the sum of the chosen codes out (n, dim).
+constexpr int kMaxResidualStages = 64;
+constexpr int64_t kResidualMaxDim = 64;
+struct ResidualStages {  // by value: no device copy of the stage table
+  int count;
+  int64_t start[kMaxResidualStages + 1];
+};
+cudaError_t launch_residual_nearest_code(const void* z, const void* books,
+                                         const ResidualStages& stages, DType dtype, int64_t n,
+                                         int64_t dim, int64_t* indices, void* out,
+                                         cudaStream_t stream);
+
 // EMA statistics (csrc/cuda/ema.cu) of z (n, dim) [fp32 / fp16 / bf16] grouped
 // by indices (n,) [Int32 / Int64]; rows whose index is outside [0, k) are
 // skipped. Writes all of counts (k,) u64 and sums (k, dim) fp32.

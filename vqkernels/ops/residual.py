@@ -1,13 +1,12 @@
 """Residual nearest-code search: Q codebooks, each searching what the stages before it left.
 
-The C++ CPU and Triton backends are one fused pass: a thread (a program)
-takes a block of rows through every stage, its residual kept in the thread's
-buffer (in registers), so z is read once, the quantized sum written once, and
-no stage goes back to memory. Triton does so for D <= 256 (the residual row in
-registers). Otherwise, and on the CUDA backend (its fused kernel is still to
-come), ``ops.nearest_code`` runs stage by stage on that backend, the residual
-and the running sum in float32 (float64 for float64 z). No backend builds an
-N x K buffer.
+Every kernel backend is one fused pass: a thread (a Triton program, a CUDA
+thread) takes its rows through every stage, their residual kept in its buffer
+(in registers), so z is read once, the quantized sum written once, and no
+stage goes back to memory. Triton does so for D <= 256, CUDA for D <= 64 (the
+residual row in registers); wider rows run ``ops.nearest_code`` stage by stage
+on that backend, the residual and the running sum in float32 (float64 for
+float64 z). No backend builds an N x K buffer.
 """
 from __future__ import annotations
 
@@ -20,6 +19,10 @@ from vqkernels._dispatch import Backend, OpDispatch
 from vqkernels.ops.search import (DTYPES, GPU_DTYPES, MAX_KERNEL_DIM, PRECISIONS, _dim_limit,
                                   _sqnorm, default_precision, nearest_code)
 
+# What the fused CUDA kernel takes (csrc/cuda/kernels.h; a test holds them equal): the
+# residual row in a thread's registers, the stage table in its launch arguments.
+CUDA_MAX_DIM, CUDA_MAX_STAGES = 64, 64
+
 
 def _norms(z, books):
     """|e|^2 of the codes as the stages search them (in float32, float64 for float64)."""
@@ -30,6 +33,12 @@ def _norms(z, books):
 def _run_compiled(z, books, precision):
     return torch.ops.vqkernels.residual_nearest_code(z.contiguous(), books, _norms(z, books),
                                                      precision)
+
+
+def _run_cuda(z, books, precision):
+    if z.shape[1] > CUDA_MAX_DIM or len(books) > CUDA_MAX_STAGES:
+        return stage_by_stage("cuda")(z, books, precision)
+    return _run_compiled(z, [book.contiguous() for book in books], precision)
 
 
 def _run_triton(z, books, precision):
@@ -66,7 +75,7 @@ DISPATCH = OpDispatch(
     backends={
         "reference": Backend("reference", stage_by_stage("reference")),
         "cpu": Backend("cpu", _run_compiled, DTYPES, _dim_limit(MAX_KERNEL_DIM)),
-        "cuda": Backend("cuda", stage_by_stage("cuda"), GPU_DTYPES, _dim_limit(MAX_KERNEL_DIM)),
+        "cuda": Backend("cuda", _run_cuda, GPU_DTYPES, _dim_limit(MAX_KERNEL_DIM)),
         "triton": Backend("triton", _run_triton, GPU_DTYPES, _dim_limit(MAX_KERNEL_DIM)),
     },
     auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
