@@ -119,12 +119,7 @@ cudaError_t launch_residual_nearest_code(const void* z, const void* books,
     if (dim <= 32) return launch<T, 32>(zt, bt, stages, n, dim, indices, ot, stream);
     return launch<T, 64>(zt, bt, stages, n, dim, indices, ot, stream);
   };
-  switch (dtype) {  // fp64 is CPU-only
-    case DType::Float32: return run(float{});
-    case DType::Float16: return run(__half{});
-    case DType::BFloat16: return run(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_gpu_float(dtype, run);
 }
 
 }  // namespace vqkernels::cuda

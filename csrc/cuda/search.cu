@@ -176,12 +176,7 @@ cudaError_t launch_nearest_code(const void* z, const void* codebook, DType dtype
                                                                           indices, distances);
     return cudaGetLastError();
   };
-  switch (dtype) {  // fp64 is CPU-only
-    case DType::Float32: return run(float{});
-    case DType::Float16: return run(__half{});
-    case DType::BFloat16: return run(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_gpu_float(dtype, run);
 }
 
 }  // namespace vqkernels::cuda
