@@ -89,10 +89,19 @@ def test_codebooks_of_different_sizes_and_no_rows(generator):
      r"codebooks\[1\] must be a \(K, D=5\)"),
     (torch.zeros(4, 5), [torch.zeros(3, 5, dtype=torch.float64)],
      r"codebooks\[0\] must have z's dtype"),
+    (torch.zeros(4, 5), [torch.zeros(3, 5), torch.zeros(0, 5)], r"codebooks\[1\] must have at"),
+    (torch.zeros(4, 5, dtype=torch.int64), [torch.zeros(3, 5)], "z must be float32"),
 ])
 def test_bad_arguments_name_themselves(z, codebooks, match):
     with pytest.raises(ValueError, match=match):
         ops.residual_nearest_code(z, codebooks)
+
+
+@pytest.mark.parametrize("option, match", [(dict(metric="dot"), "metric must be"),
+                                           (dict(precision="fp8"), "precision must be")])
+def test_bad_options_name_themselves(option, match):
+    with pytest.raises(ValueError, match=match):
+        ops.residual_nearest_code(torch.zeros(4, 5), [torch.zeros(3, 5)], **option)
 
 
 # --- the fused C++ CPU kernel ---------------------------------------------------------------

@@ -24,10 +24,14 @@ from vqkernels.ops.search import (DTYPES, GPU_DTYPES, MAX_KERNEL_DIM, PRECISIONS
 CUDA_MAX_DIM, CUDA_MAX_STAGES = 64, 64
 
 
+def _stage_dtype(z):
+    """The dtype of the residual and the running sum: float64 for float64 z, else float32."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
 def _norms(z, books):
-    """|e|^2 of the codes as the stages search them (in float32, float64 for float64)."""
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    return [_sqnorm(book.to(acc)) for book in books]
+    """|e|^2 of the codes as the stages search them (in the stage dtype)."""
+    return [_sqnorm(book.to(_stage_dtype(z))) for book in books]
 
 
 def _run_compiled(z, books, precision):
@@ -54,7 +58,7 @@ def _run_triton(z, books, precision):
 def stage_by_stage(backend):
     """The search as Q ``nearest_code`` calls on ``backend``, the residual updated between."""
     def run(z, books, precision, metric="l2"):
-        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        acc = _stage_dtype(z)
         residual = z.to(acc)
         quantized = torch.zeros_like(residual)
         indices = torch.empty((z.shape[0], len(books)), dtype=torch.int64, device=z.device)
