@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vqkernels.nn.vector_quantize import ReferenceVectorQuantize, VectorQuantize
 from vqkernels import ops
 from vqkernels.nn._options import split_default_only
+from vqkernels.nn.vector_quantize import ReferenceVectorQuantize, VectorQuantize
 from vqkernels.ops.codebook_init import in_multi_rank_group
 
 # vector-quantize-pytorch ResidualVQ options implemented only at their default.
@@ -138,7 +138,7 @@ class ResidualVQ(nn.Module):
             for layer in self.layers:
                 layer._deferred, layer._given_indices = None, None
         if deferred:
-            update_deferred_stages(deferred, self._syncs_statistics())
+            update_deferred_stages(deferred)
         all_indices = torch.stack(all_indices, dim=-1)
         out = (self.project_out(quantized_out), all_indices, torch.stack(losses))
         return out + (self.get_codes_from_indices(all_indices),) if return_all_codes else out
@@ -195,24 +195,22 @@ class ResidualVQ(nn.Module):
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
 
-def update_deferred_stages(deferred: list, all_reduce: bool) -> None:
-    """The EMA steps the stages deferred, after every stage has searched.
+def update_deferred_stages(deferred: list) -> None:
+    """The EMA steps the stages deferred, after one all-reduce of all their statistics.
 
     A stage's update changes only its own codebook, which no later stage of the same step
     reads, so updating after every stage has searched gives what updating each in turn
-    gives. With ``all_reduce``, one collective sums all the stages' statistics over the
-    ranks. ``deferred``: (stage, batch, indices, ema_update, (counts, sums) or None: not
-    made by the search) in stage order.
+    gives, with one collective a step instead of one a stage. ``deferred``: (stage, batch,
+    indices, ema_update, (counts, sums), or None where the stage's search made none) in
+    stage order.
     """
     stats = [stage._local_stats(flat, ind) if stats is None else stats
              for stage, flat, ind, _, stats in deferred]
-    if all_reduce:
-        flat = torch.cat([torch.cat([counts[:, None], sums], dim=1) for counts, sums in stats])
-        dist.all_reduce(flat)
-        stats = [(part[:, 0], part[:, 1:])
-                 for part in flat.split([stage.codebook_size for stage, *_ in deferred])]
-    for (stage, flat, ind, ema_update, _), stage_stats in zip(deferred, stats):
-        stage._update(flat, ind, ema_update, stage_stats)
+    packed = torch.cat([torch.cat([counts[:, None], sums], dim=1) for counts, sums in stats])
+    dist.all_reduce(packed)
+    for (stage, flat, ind, ema_update, _), part in zip(
+            deferred, packed.split([stage.codebook_size for stage, *_ in deferred])):
+        stage._update(flat, ind, ema_update, (part[:, 0], part[:, 1:]))
 
 
 class ReferenceResidualVQ(ResidualVQ):
