@@ -48,11 +48,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
 def matmul_argmin_stages(z: torch.Tensor, codebooks: torch.Tensor):
     """The residual search as PyTorch code writes it: a matmul + argmin a stage (N x K each)."""
-    residual_, quantized, indices = z, torch.zeros_like(z), []
+    left, quantized, indices = z, torch.zeros_like(z), []
     for codebook in codebooks:
-        indices.append(matmul_argmin(residual_, codebook))
+        indices.append(matmul_argmin(left, codebook))
         codes = codebook[indices[-1]]
-        residual_, quantized = residual_ - codes, quantized + codes
+        left, quantized = left - codes, quantized + codes
     return torch.stack(indices, 1), quantized
 
 
