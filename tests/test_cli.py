@@ -49,7 +49,7 @@ def test_info_json(tmp_path):
 
 
 PUBLIC_OPS = ("timestep_embedding", "nearest_code", "vector_quantize", "nearest_code_with_stats",
-              "code_counts_and_sums", "ema_update_", "attention", "ddim_step",
+              "residual_nearest_code", "code_counts_and_sums", "ema_update_", "attention", "ddim_step",
               "layer_norm_modulate", "gated_residual", "gated_residual_layer_norm_modulate")
 
 

@@ -14,7 +14,7 @@ from vqkernels._version import __version__
 
 def _op_dispatches():
     """label -> (public op, its dispatch, the dtype and shape facts info() asks about)."""
-    from vqkernels.ops import adaln, ddim, ema, search, timestep
+    from vqkernels.ops import adaln, ddim, ema, residual, search, timestep
     from vqkernels.ops.flash_attention import DISPATCH as attention_dispatch
 
     f32 = torch.float32
@@ -26,6 +26,8 @@ def _op_dispatches():
         "vector_quantize (fp32, D=256)": ("vector_quantize", search.DISPATCH, f32, dict(dim=256)),
         "nearest_code_with_stats (fp32, D=256)": ("nearest_code_with_stats", search.DISPATCH,
                                                   f32, dict(dim=256)),
+        "residual_nearest_code (fp32, D=128)": ("residual_nearest_code", residual.DISPATCH, f32,
+                                                dict(dim=128)),
         "code_counts_and_sums (fp32)": ("code_counts_and_sums", ema.STATS_DISPATCH, f32, {}),
         "ema_update_ (fp32 z and codebook)": ("ema_update_", ema.DISPATCH, f32,
                                               dict(codebook_dtype=f32)),
