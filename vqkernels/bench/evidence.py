@@ -25,7 +25,7 @@ TEST_FAMILIES = {
     "test_timestep": "timestep", "test_search": "search",
     "test_ema": "ema", "test_kmeans": "ema", "test_distributed": "ema",
     "test_quantizer": "quantizer", "test_vector_quantize": "quantizer",
-    "test_residual_vq": "rvq",
+    "test_residual_vq": "rvq", "test_residual_nearest_code": "rvq",
     "test_ddim": "ddim", "test_sampler": "ddim", "test_scheduler": "ddim",
     "test_attention": "attention", "test_adaln": "adaln", "test_dit_block": "adaln",
     "test_dit_model": "models", "test_dit_diffusers": "models", "test_vqgan": "models",
@@ -44,6 +44,7 @@ def family_of_module(module: str) -> str:
 SELFTEST_FAMILIES = {
     "timestep_embedding": "timestep", "nearest_code": "search",
     "nearest_code_with_stats": "search", "vector_quantize": "quantizer",
+    "residual_nearest_code": "rvq",
     "code_counts_and_sums": "ema", "ema_update_": "ema", "ddim_step": "ddim",
     "attention": "attention", "layer_norm_modulate": "adaln", "gated_residual": "adaln",
     "gated_residual_layer_norm_modulate": "adaln",
