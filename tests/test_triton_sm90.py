@@ -64,7 +64,7 @@ COMPILE_ALL = textwrap.dedent(r'''
         for config in configs:
             for d in dims:
                 compiled = build(residual._residual_search_kernel,
-                                 dict(z_ptr=z, books_ptr=z, sqnorms_ptr="*fp32", starts_ptr="*i32",
+                                 dict(z_ptr=z, books_ptr=z, sqnorms_ptr="*fp32", starts_ptr="*i64",
                                       idx_ptr="*i64", out_ptr=z), dict(N="i32", Q="i32"),
                                  dict(D=d, PRECISION=precision, BLOCK_D=max(16, d), **config.kwargs),
                                  config.num_warps, config.num_stages, aligned=True)

@@ -7,6 +7,8 @@ codebook past them in BLOCK_K-code tiles exactly as ``nearest_code`` does
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -81,8 +83,10 @@ def residual_nearest_code(z: torch.Tensor, books: list[torch.Tensor], sqnorms: l
     out = torch.empty_like(z)
     if n == 0:
         return indices, out
-    sizes = torch.tensor([0] + [book.shape[0] for book in books], dtype=torch.int64)
-    starts = sizes.cumsum(0).to(device=z.device, dtype=torch.int32)
+    starts = torch.tensor(list(itertools.accumulate((book.shape[0] for book in books),
+                                                    initial=0)),
+                          dtype=torch.int64, pin_memory=z.is_cuda)
+    starts = starts.to(z.device, non_blocking=True)  # from pinned memory: no host sync
     args = (z, torch.cat(books).contiguous(), torch.cat(sqnorms).float().contiguous(), starts,
             indices, out, n, len(books))
     constants = dict(D=d, PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(d)))
