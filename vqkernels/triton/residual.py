@@ -53,8 +53,8 @@ def _residual_search_kernel(
     total = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for q in _interpreter.runtime_range(0, Q, 1):
         start = tl.load(starts_ptr + q)
-        k = tl.load(starts_ptr + q + 1) - start
-        codes_ptr = books_ptr + start.to(tl.int64) * D
+        k = (tl.load(starts_ptr + q + 1) - start).to(tl.int32)  # K_q <= 2^30: int32 indices
+        codes_ptr = books_ptr + start * D
         best = tl.full((BLOCK_N,), float("inf"), tl.float32)
         best_idx = tl.zeros((BLOCK_N,), tl.int32)
         for k0 in _interpreter.runtime_range(0, k, BLOCK_K):
