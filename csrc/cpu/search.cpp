@@ -10,6 +10,8 @@
 // transposed codebook with a register-blocked SIMD loop, one FMA per (row,
 // code, dim), each lane keeping its own (min, argmin); larger D takes a
 // single-threaded GEMM per (row tile x code tile), folded into the lanes.
+// The residual search runs the same block search once a stage, on the
+// block's residual, which stays in the thread's buffer between stages.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
