@@ -1,17 +1,13 @@
-// Nearest-codebook search, C++ CPU kernel (result rule and math in
-// csrc/common/search.h).
-//
+// Nearest-codebook search, C++ CPU kernel (result rule and math in csrc/common/search.h).
 //   indices[n]   = argmin_k ||e_k||^2 - 2 z_n.e_k   (lowest k on ties)
 //   distances[n] = ||z_n - e_indices[n]||^2         (exact, recomputed directly)
-//
-// Parallel over blocks of rows; never N x K: beyond inputs and outputs, O(K)
-// memory and bounded per-thread tiles. Math in fp32 (fp64 for fp64 input)
-// whatever the precision mode. Small D (<= kDirectMaxDim) scans a staged,
-// transposed codebook with a register-blocked SIMD loop, one FMA per (row,
-// code, dim), each lane keeping its own (min, argmin); larger D takes a
-// single-threaded GEMM per (row tile x code tile), folded into the lanes.
-// The residual search runs the same block search once a stage, on the
-// block's residual, which stays in the thread's buffer between stages.
+// Parallel over blocks of rows; never N x K: beyond inputs and outputs, O(K) memory and
+// bounded per-thread tiles. Math in fp32 (fp64 for fp64 input) whatever the precision mode.
+// Small D (<= kDirectMaxDim) scans a staged, transposed codebook with a register-blocked
+// SIMD loop, one FMA per (row, code, dim), each lane keeping its own (min, argmin); larger D
+// takes a single-threaded GEMM per (row tile x code tile), folded into the lanes. The
+// residual search runs the same block search once a stage on the block's residual, which
+// stays in the thread's buffer between stages.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
