@@ -18,20 +18,17 @@ from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
 from vqkernels.ops.search import (DTYPES, GPU_DTYPES, MAX_KERNEL_DIM, PRECISIONS, _dim_limit,
                                   _sqnorm, default_precision, nearest_code)
+from vqkernels.reference import search as reference
 
 # What the fused CUDA kernel takes (csrc/cuda/kernels.h; a test holds them equal): the
 # residual row in a thread's registers, the stage table in its launch arguments.
 CUDA_MAX_DIM, CUDA_MAX_STAGES = 64, 64
 
 
-def _stage_dtype(z):
-    """The dtype of the residual and the running sum: float64 for float64 z, else float32."""
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
-
-
 def _norms(z, books):
-    """|e|^2 of the codes as the stages search them (in the stage dtype)."""
-    return [_sqnorm(book.to(_stage_dtype(z))) for book in books]
+    """|e|^2 of the codes as the stages search them (float64 for float64 z, else float32)."""
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return [_sqnorm(book.to(dtype)) for book in books]
 
 
 def _run_compiled(z, books, precision):
@@ -56,21 +53,13 @@ def _run_triton(z, books, precision):
 
 
 def stage_by_stage(backend):
-    """The search as Q ``nearest_code`` calls on ``backend``, the residual updated between."""
+    """The search as Q ``nearest_code`` calls on ``backend``: the reference's stage loop (the
+    residual and the running sum in the stage dtype) with that backend's search."""
     def run(z, books, precision, metric="l2"):
-        acc = _stage_dtype(z)
-        residual = z.to(acc)
-        quantized = torch.zeros_like(residual)
-        indices = torch.empty((z.shape[0], len(books)), dtype=torch.int64, device=z.device)
-        for q, book in enumerate(books):
-            book = book.to(acc)
-            ind, _ = nearest_code(residual, book, metric=metric, precision=precision,
-                                  backend=backend)
-            codes = book.index_select(0, ind)
-            residual = residual - codes
-            quantized += codes
-            indices[:, q] = ind
-        return indices, quantized.to(z.dtype)
+        def search(residual, book, metric):
+            return nearest_code(residual, book.to(residual.dtype), metric=metric,
+                                precision=precision, backend=backend)[0]
+        return reference.residual_nearest_code(z, books, metric, search=search)
     return run
 
 

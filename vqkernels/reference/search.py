@@ -143,8 +143,12 @@ def vector_quantize(
     return z_q.to(z.dtype), loss, indices
 
 
+def _nearest_index(z, codebook, metric):
+    return nearest_code(z, codebook, metric)[0]
+
+
 def residual_nearest_code(
-    z: torch.Tensor, codebooks, metric: str = "l2"
+    z: torch.Tensor, codebooks, metric: str = "l2", search=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual quantization of the rows of z by Q codebooks in turn.
 
@@ -155,14 +159,16 @@ def residual_nearest_code(
 
     Residuals and the sum in the compute dtype (float64 if an input is
     float64, else float32). Returns ``indices`` (N, Q) int64 and ``quantized``
-    (N, D) in z's dtype.
+    (N, D) in z's dtype. ``search(residual, codebook, metric) -> indices`` ranks
+    each stage (default: ``nearest_code`` here), so that the ops layer runs this
+    same stage loop on a kernel backend's search.
     """
     dtype = _compute_dtype(z, *codebooks)
     residual = z.to(dtype)
     quantized = torch.zeros_like(residual)
     indices = []
     for codebook in codebooks:
-        ind, _ = nearest_code(residual, codebook, metric)
+        ind = (search or _nearest_index)(residual, codebook, metric)
         codes = codebook.to(dtype).index_select(0, ind)
         residual = residual - codes
         quantized = quantized + codes
