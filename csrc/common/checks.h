@@ -71,7 +71,8 @@ inline void check_nearest_code_args(const at::Tensor& z, const at::Tensor& codeb
               "precision must be \"ieee\", \"tf32\" or \"bf16\", got \"", precision, "\"");
 }
 
-// The same for each stage of the residual search: one codebook and its norms a stage.
+// The same for each stage of the residual search: one codebook (on z's device) and its
+// norms a stage.
 inline void check_residual_nearest_code_args(const at::Tensor& z, at::TensorList codebooks,
                                              at::TensorList codebook_sqnorms,
                                              std::string_view precision) {
@@ -79,6 +80,8 @@ inline void check_residual_nearest_code_args(const at::Tensor& z, at::TensorList
   TORCH_CHECK(codebook_sqnorms.size() == codebooks.size(), "codebook_sqnorms must have one ",
               "tensor a codebook (", codebooks.size(), "), got ", codebook_sqnorms.size());
   for (size_t q = 0; q < codebooks.size(); ++q) {
+    TORCH_CHECK(codebooks[q].device() == z.device(), "codebooks[", q, "] must be on z's device (",
+                z.device(), "), got ", codebooks[q].device());
     check_nearest_code_args(z, codebooks[q], codebook_sqnorms[q], precision);
   }
 }

@@ -312,7 +312,6 @@ std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cpu(const at::Tensor& z
                                                              std::string_view precision) {
   VQK_CHECK_DEVICE(z, at::kCPU);
   check_residual_nearest_code_args(z, codebooks, codebook_sqnorms, precision);
-  for (const at::Tensor& codebook : codebooks) VQK_CHECK_DEVICE(codebook, at::kCPU);
   const int64_t n = z.size(0), dim = z.size(1), num_stages = codebooks.size();
   const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor indices = at::empty({n, num_stages}, z.options().dtype(at::kLong));
