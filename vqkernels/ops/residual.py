@@ -39,7 +39,7 @@ def _run_compiled(z, books, precision):
 def _run_cuda(z, books, precision):
     if z.shape[1] > CUDA_MAX_DIM or len(books) > CUDA_MAX_STAGES:
         return stage_by_stage("cuda")(z, books, precision)
-    return _run_compiled(z, [book.contiguous() for book in books], precision)
+    return _run_compiled(z, books, precision)  # the launcher concatenates the codebooks
 
 
 def _run_triton(z, books, precision):
@@ -47,7 +47,6 @@ def _run_triton(z, books, precision):
 
     if z.shape[1] > MAX_DIM:
         return stage_by_stage("triton")(z, books, precision)
-    books = [book.contiguous() for book in books]
     return torch.ops.vqkernels.residual_nearest_code_triton(z.contiguous(), books,
                                                             _norms(z, books), precision)
 
