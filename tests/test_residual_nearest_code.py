@@ -247,3 +247,72 @@ def test_cuda_beyond_the_fused_width_runs_stage_by_stage(generator):
     pad = lambda t: torch.cat([t, torch.zeros(t.shape[0], 61, dtype=t.dtype)], 1)  # D = 65
     got = ops.residual_nearest_code(pad(z).cuda(), [pad(b).cuda() for b in books], backend="cuda")
     assert torch.equal(got[0].cpu(), reference.residual_nearest_code(z, books)[0])
+
+
+# --- the EMA statistics of every stage ------------------------------------------------------
+
+def stage_statistics(z, books, indices):
+    """Counts and sums of the float64 residual each stage searched, by bincount / index_add."""
+    residual, counts, sums = z.double(), [], []
+    for book, ind in zip(books, indices.cpu().unbind(1)):
+        counts.append(torch.bincount(ind, minlength=book.shape[0]).double())
+        sums.append(torch.zeros(book.shape, dtype=torch.float64).index_add_(0, ind, residual))
+        residual = residual - book.double()[ind]
+    return counts, sums
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_with_stats_sums_the_residual_each_stage_searched(backend, device, dtype, deterministic,
+                                                          generator):
+    """The search is residual_nearest_code's; stage q's statistics are over r_q (Triton:
+    added by the fused kernel, several programs and K tiles; else one pass a stage)."""
+    if dtype == torch.float64 and backend not in ("cpu", "reference"):
+        pytest.skip("float64 runs on the CPU backends only")
+    z, books = separated_problem(generator, dtype, n=50)
+    books.append(torch.randn(70, 4, generator=generator, dtype=torch.float64).to(dtype) / 10)
+    z, books = z.to(device), [book.to(device) for book in books]
+    indices, quantized, counts, sums = ops.residual_nearest_code_with_stats(
+        z, books, precision="ieee" if dtype != torch.bfloat16 else "bf16",
+        deterministic=deterministic, backend=backend)
+    expected = ops.residual_nearest_code(z, books, precision="ieee" if dtype != torch.bfloat16
+                                         else "bf16", backend=backend)
+    assert torch.equal(indices, expected[0]) and torch.equal(quantized, expected[1])
+    want_counts, want_sums = stage_statistics(z.cpu(), [b.cpu() for b in books], indices)
+    assert [c.dtype for c in counts + sums] == [torch.float32] * 2 * len(books)
+    for q in range(len(books)):
+        assert torch.equal(counts[q].cpu().double(), want_counts[q]), f"stage {q} counts"
+        torch.testing.assert_close(sums[q].cpu().double(), want_sums[q], rtol=1e-5, atol=1e-4)
+
+
+def test_with_stats_checks_its_arguments(generator):
+    z, books = random_problem(generator)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        ops.residual_nearest_code_with_stats(z, books, deterministic=1)
+    with pytest.raises(ValueError, match=r"codebooks\[1\] must be"):
+        ops.residual_nearest_code_with_stats(z, [books[0], books[1][:, :2]])
+    empty = ops.residual_nearest_code_with_stats(z[:0], books)
+    assert empty[0].shape == (0, 3) and [c.sum().item() for c in empty[2]] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_fused_triton_stats_opcheck(device, generator):
+    z, books = random_problem(generator, n=20)
+    z, books = z.to(device), [book.to(device) for book in books]
+    torch.library.opcheck(torch.ops.vqkernels.residual_nearest_code_with_stats_triton.default,
+                          (z, books, [book.square().sum(1) for book in books], "ieee"))
+
+
+def test_with_stats_compiles_fullgraph(generator):
+    torch._dynamo.reset()
+    z, books = random_problem(generator, sizes=(6, 6))
+
+    def step(z, books):
+        return ops.residual_nearest_code_with_stats(z, books)
+
+    got, expected = torch.compile(step, fullgraph=True)(z, books), step(z, books)
+    assert torch.equal(got[0], expected[0])
+    for a, b in zip(got[2] + got[3], expected[2] + expected[3]):
+        torch.testing.assert_close(a, b)

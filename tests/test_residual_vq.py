@@ -1,4 +1,6 @@
 """vqkernels.ResidualVQ / GroupedResidualVQ against vector-quantize-pytorch and their twins."""
+import functools
+
 import pytest
 import torch
 
@@ -193,19 +195,46 @@ def test_bad_calls_name_the_problem(generator):
         GroupedResidualVQ(dim=DIM, groups=3, num_quantizers=2, codebook_size=5)
 
 
-@pytest.mark.parametrize("config", ["default", "dead codes", "sizes per stage", "dropout",
-                                    "projection", "cosine"])
-def test_one_search_for_all_stages_is_the_stage_by_stage_module(config, generator, monkeypatch):
-    """After the first step (the stages' init) every step searches all stages in one
-    ops.residual_nearest_code; the module trains as its stages searching one by one do."""
-    options, shape = CONFIGS[config]
+def count_searches(monkeypatch) -> list[str]:
+    """The names of the residual searches ResidualVQ makes from now on, in order."""
+    searches = []
+    for name in ("residual_nearest_code", "residual_nearest_code_with_stats"):
+        monkeypatch.setattr(residual_vq.ops, name, functools.partial(
+            lambda search, *args, **kwargs: searches.append(search.__name__) or search(
+                *args, **kwargs), getattr(residual_vq.ops, name)))
+    return searches
+
+
+def assert_fused_is_stage_by_stage(options, shape, generator):
+    """Training steps then an eval step of ResidualVQ(**options) against its stages searching
+    one by one."""
     torch.manual_seed(0)
     fused, staged = ResidualVQ(dim=DIM, **options), ResidualVQ(dim=DIM, **options)
     staged.fuse_stages = False
     staged.load_state_dict(fused.state_dict())
-    searches = []
-    search = residual_vq.ops.residual_nearest_code
-    monkeypatch.setattr(residual_vq.ops, "residual_nearest_code",
-                        lambda *args, **kwargs: searches.append(1) or search(*args, **kwargs))
     assert_steps_match(fused, staged, shape, generator)
-    assert len(searches) == (0 if config == "cosine" else 2)  # steps 2 and 3
+    fused.eval(), staged.eval()
+    assert_steps_match(fused, staged, shape, generator, steps=1)
+
+
+@pytest.mark.parametrize("config", ["default", "dead codes", "sizes per stage", "dropout",
+                                    "projection", "cosine"])
+def test_one_search_for_all_stages_is_the_stage_by_stage_module(config, generator, monkeypatch):
+    """After the first step (the stages' init) every step searches all stages in one
+    ops.residual_nearest_code; the module trains as its stages searching one by one do. On
+    the CPU each stage counts its own residual for the EMA step (a pass the C++ search would
+    not save)."""
+    searches = count_searches(monkeypatch)
+    assert_fused_is_stage_by_stage(*CONFIGS[config], generator)
+    assert searches == ([] if config == "cosine" else ["residual_nearest_code"] * 3)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("config", ["default", "dead codes"])
+def test_the_triton_search_hands_each_stage_its_statistics(config, generator, monkeypatch):
+    """On Triton the training steps take every stage's EMA statistics from the search pass
+    (ops.residual_nearest_code_with_stats); eval searches without them."""
+    searches = count_searches(monkeypatch)
+    options, shape = CONFIGS[config]
+    assert_fused_is_stage_by_stage({**options, "backend": "triton"}, shape, generator)
+    assert searches == ["residual_nearest_code_with_stats"] * 2 + ["residual_nearest_code"]

@@ -23,8 +23,8 @@ DOCUMENT_KEYS = {"device", "device_type", "capability", "versions", "date", "tri
 WHATS = {
     "timestep_embedding": {"forward", "grad t"},
     "nearest_code": {"indices", "distances"},
-    "residual_nearest_code": {"stage 0 indices", "stage 1 indices", "stage 2 indices",
-                              "quantized"},
+    "residual_nearest_code": {f"stage {q} {what}" for q in range(3)
+                              for what in ("indices", "counts", "sums")} | {"quantized"},
     "vector_quantize": {"z_q", "loss", "grad z", "grad codebook"},
     "nearest_code_with_stats": {"indices", "distances", "counts", "sums"},
     "code_counts_and_sums": {"counts", "sums"},

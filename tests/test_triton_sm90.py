@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("triton")
 
 COMPILE_ALL = textwrap.dedent(r'''
+    import itertools
     import re
 
     import triton
@@ -56,19 +57,21 @@ COMPILE_ALL = textwrap.dedent(r'''
                                  config.num_warps, config.num_stages, aligned=True)
                 assert compiled.metadata.shared <= 227 * 1024, (family, config, d, stats)
 
-    # residual search: every config at D = 128 in bf16, the first at the other dots and widths.
+    # residual search: every config at D = 128 in bf16 with and without STATS, the first at
+    # the other dots and widths.
     for z, precision, dims, configs in (("*bf16", "bf16", (128,), residual._CONFIGS),
                                         ("*bf16", "bf16", (8, 256), residual._CONFIGS[:1]),
                                         ("*fp32", "tf32", (128,), residual._CONFIGS[:1]),
                                         ("*fp32", "ieee", (128,), residual._CONFIGS[:1])):
-        for config in configs:
-            for d in dims:
-                compiled = build(residual._residual_search_kernel,
-                                 dict(z_ptr=z, books_ptr=z, sqnorms_ptr="*fp32", starts_ptr="*i64",
-                                      idx_ptr="*i64", out_ptr=z), dict(N="i32", Q="i32"),
-                                 dict(D=d, PRECISION=precision, BLOCK_D=max(16, d), **config.kwargs),
-                                 config.num_warps, config.num_stages, aligned=True)
-                assert compiled.metadata.shared <= 227 * 1024, (config, d, precision)
+        for config, d, stats in itertools.product(configs, dims, (False, True)):
+            compiled = build(residual._residual_search_kernel,
+                             dict(z_ptr=z, books_ptr=z, sqnorms_ptr="*fp32", starts_ptr="*i64",
+                                  idx_ptr="*i64", out_ptr=z, counts_ptr="*i32",
+                                  sums_ptr="*fp32"), dict(N="i32", Q="i32"),
+                             dict(D=d, PRECISION=precision, STATS=stats, BLOCK_D=max(16, d),
+                                  **config.kwargs),
+                             config.num_warps, config.num_stages, aligned=True)
+            assert compiled.metadata.shared <= 227 * 1024, (config, d, precision, stats)
 
     blocks = ema._blocks(256)
     for z in ("*fp32", "*bf16"):

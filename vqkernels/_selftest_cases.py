@@ -145,11 +145,16 @@ def check_vector_quantize(backend, device, dtype, generator) -> Errors:
 def check_residual_nearest_code(backend, device, dtype, generator) -> Errors:
     """Three stages, each finer: stage q's code is judged against the exact (fp64) residual the
     chosen codes before it leave; the stages search a float32 residual (float64 for float64),
-    at bf16 products for 16-bit input, so their bound is the float32 search's."""
+    at bf16 products for 16-bit input, so their bound is the float32 search's. The training
+    step's variant must choose the same codes, and count and sum each stage's residual."""
     books = [_randn((K - 40 * q, D), generator, dtype, scale=0.5 ** q) for q in range(3)]
     z = _randn((N, D), generator, dtype)
-    indices, quantized = ops.residual_nearest_code(z.to(device), [b.to(device) for b in books],
-                                                   backend=backend)
+    on_device = (z.to(device), [b.to(device) for b in books])
+    indices, quantized = ops.residual_nearest_code(*on_device, backend=backend)
+    *same, counts, sums = ops.residual_nearest_code_with_stats(*on_device, backend=backend)
+    if not (torch.equal(same[0], indices) and torch.equal(same[1], quantized)):
+        raise ValueError("residual_nearest_code_with_stats chose other codes than "
+                         "residual_nearest_code")
     if indices.dtype != torch.int64 or tuple(indices.shape) != (N, len(books)):
         raise ValueError(f"indices must be int64 ({N}, {len(books)}), got {indices.dtype} "
                          f"{tuple(indices.shape)}")
@@ -163,6 +168,13 @@ def check_residual_nearest_code(backend, device, dtype, generator) -> Errors:
         gap = true.gather(1, chosen[:, None])[:, 0] - true.min(1).values
         scale = residual.square().sum(1) + codes.square().sum(1).max()
         errors[f"stage {q} indices"] = ((gap / scale).max().item(), rtol)
+        expected_counts = torch.bincount(chosen, minlength=codes.shape[0]).double()
+        errors[f"stage {q} counts"] = ((counts[q].cpu().double() - expected_counts).abs().max()
+                                       .item(), 0.0)
+        expected_sums = torch.zeros_like(codes).index_add_(0, chosen, residual)
+        sum_error = (sums[q].cpu().double() - expected_sums).abs() / (
+            torch.zeros_like(codes).index_add_(0, chosen, residual.abs()) + 1)
+        errors[f"stage {q} sums"] = (sum_error.max().item(), 64 * torch.finfo(F32).eps)
         residual, total = residual - codes[chosen], total + codes[chosen]
     error = ((quantized.cpu().double() - total).abs() / total.abs().clamp(min=1)).max().item()
     errors["quantized"] = (error, 4 * torch.finfo(dtype).eps)  # fp32 sums, one rounding to dtype

@@ -8,7 +8,9 @@ constructor, forward contract, random draws and state dict
 (``layers.{q}._codebook.*``, ``rvqs.{g}.layers.{q}._codebook.*``), so training
 code and checkpoints carry over. Once the stages are initialized, one
 ``ops.residual_nearest_code`` searches all of them (fused: z read once), and
-the stages take their codes from it. Under ``torch.distributed`` the stages'
+the stages take their codes from it; in training
+``ops.residual_nearest_code_with_stats`` also hands each stage the EMA
+statistics of its residual (on Triton from the same pass). Under ``torch.distributed`` the stages'
 EMA updates wait for the last stage (``update_deferred_stages``), so that the
 statistics of all of them go in one all-reduce a step.
 ``ReferenceResidualVQ`` / ``ReferenceGroupedResidualVQ`` are the twins on the
@@ -120,7 +122,7 @@ class ResidualVQ(nn.Module):
         x = self.project_in(x)
         quantized_out, residual = torch.zeros_like(x), x
         all_indices, losses = [], []
-        given = self._search_all_stages(x, last)
+        given = self._search_all_stages(x, last, with_stats=self.training and not freeze_codebook)
         deferred = [] if self.training and self._syncs_statistics() else None
         try:
             for q, layer in enumerate(self.layers):
@@ -128,7 +130,7 @@ class ResidualVQ(nn.Module):
                     all_indices.append(torch.full_like(all_indices[0], -1))
                     losses.append(torch.zeros_like(losses[0]))
                     continue
-                layer._deferred, layer._given_indices = deferred, given[q] if given else None
+                layer._deferred, layer._given = deferred, given[q] if given else None
                 quantized, ind, loss = layer(residual, freeze_codebook=freeze_codebook)
                 residual = residual - quantized.detach()
                 quantized_out = quantized_out + quantized
@@ -136,17 +138,20 @@ class ResidualVQ(nn.Module):
                 losses.append(loss)
         finally:
             for layer in self.layers:
-                layer._deferred, layer._given_indices = None, None
+                layer._deferred, layer._given = None, None
         if deferred:
             update_deferred_stages(deferred)
         all_indices = torch.stack(all_indices, dim=-1)
         out = (self.project_out(quantized_out), all_indices, torch.stack(losses))
         return out + (self.get_codes_from_indices(all_indices),) if return_all_codes else out
 
-    def _search_all_stages(self, x, last) -> list[torch.Tensor] | None:
-        """Each running stage's indices (flat), from one ``ops.residual_nearest_code`` over
-        the residuals in float32; None where the stages search one by one: a stage still to
-        be k-means initialized (it reads its residual first), cosine similarity, feature maps.
+    def _search_all_stages(self, x, last, with_stats) -> list[tuple] | None:
+        """Each running stage's indices (flat) and, ``with_stats`` where the search pass
+        gathers them (``ops.residual.fuses_stats``), the counts and sums of its residual, from
+        one ``ops.residual_nearest_code(_with_stats)`` over the residuals in float32 (else
+        the stage counts its own residual); None where the stages search one by one: a stage
+        still to be k-means initialized (it reads its residual first), cosine similarity,
+        feature maps.
         The stages then subtract their codes as vector-quantize-pytorch does (x + sg(q - x)),
         so a residual may differ from the fused one in its last bit: a near-tie may go the
         other way (the numerics contract of a search)."""
@@ -155,11 +160,17 @@ class ResidualVQ(nn.Module):
                 layer._initted is not True or layer.use_cosine_sim for layer in layers):
             return None
         flat = x.detach().reshape(-1, self.codebook_dim).float()
+        books = [layer.codebook for layer in layers]
+        options = dict(precision=layers[0].precision, backend=layers[0].backend)
+        deterministic = torch.are_deterministic_algorithms_enabled()
         with torch.no_grad():
-            indices, _ = ops.residual_nearest_code(
-                flat, [layer.codebook for layer in layers], precision=layers[0].precision,
-                backend=layers[0].backend)
-        return list(indices.unbind(1))
+            if not (with_stats and ops.residual.fuses_stats(flat, deterministic=deterministic,
+                                                            backend=options["backend"])):
+                return [(ind, None) for ind in ops.residual_nearest_code(flat, books,
+                                                                         **options)[0].unbind(1)]
+            indices, _, counts, sums = ops.residual_nearest_code_with_stats(
+                flat, books, deterministic=deterministic, **options)
+        return list(zip(indices.unbind(1), zip(counts, sums)))
 
     def _syncs_statistics(self) -> bool:
         """Do the stages all-reduce their batch statistics (VectorQuantize's sync_codebook)?"""

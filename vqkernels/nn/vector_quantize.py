@@ -286,16 +286,16 @@ class VectorQuantize(_VectorQuantizeBase):
         self.precision, self.backend = precision, backend
         # Set by ResidualVQ for one call. _deferred: the stage leaves its batch (and the
         # statistics its search made) there, and the stages' updates wait for one pass over
-        # all of them (vqkernels.nn.residual_vq.update_deferred_stages). _given_indices: this
-        # stage's codes, from ResidualVQ's one search of all its stages.
+        # all of them (vqkernels.nn.residual_vq.update_deferred_stages). _given: this stage's
+        # codes and their statistics (None unless training), from ResidualVQ's one search.
         self._deferred: list | None = None
-        self._given_indices: torch.Tensor | None = None
+        self._given: tuple[torch.Tensor, tuple | None] | None = None
 
     def _search(self, flat, embed, with_stats):
         """The l2 training step searches and gathers the EMA statistics in one op (one read
         of the batch where the backend fuses them, see ops.nearest_code_with_stats)."""
-        if self._given_indices is not None:
-            return self._given_indices, None
+        if self._given is not None:
+            return self._given
         if with_stats and not self.use_cosine_sim:
             ind, _, *stats = ops.nearest_code_with_stats(
                 flat, embed, precision=self.precision, backend=self.backend,

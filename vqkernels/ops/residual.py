@@ -7,6 +7,8 @@ stage goes back to memory. Triton does so for D <= 256, CUDA for D <= 64 (the
 residual row in registers); wider rows run ``ops.nearest_code`` stage by stage
 on that backend, the residual and the running sum in float32 (float64 for
 float64 z). No backend builds an N x K buffer.
+``residual_nearest_code_with_stats`` adds each stage's EMA statistics: the
+Triton kernel in its pass, other backends one ``code_counts_and_sums`` a stage.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.ops.ema import code_counts_and_sums
 from vqkernels.ops.search import (DTYPES, GPU_DTYPES, MAX_KERNEL_DIM, PRECISIONS, _dim_limit,
                                   _sqnorm, default_precision, nearest_code)
 from vqkernels.reference import search as reference
@@ -43,9 +46,7 @@ def _run_cuda(z, books, precision):
 
 
 def _run_triton(z, books, precision):
-    from vqkernels.triton.residual import MAX_DIM  # imports triton on first use
-
-    if z.shape[1] > MAX_DIM:
+    if z.shape[1] > _triton_max_dim():
         return stage_by_stage("triton")(z, books, precision)
     return torch.ops.vqkernels.residual_nearest_code_triton(z.contiguous(), books,
                                                             _norms(z, books), precision)
@@ -102,6 +103,77 @@ def residual_nearest_code(
     return chosen.run(z, books, precision)
 
 
+def residual_nearest_code_with_stats(
+    z: torch.Tensor,
+    codebooks: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    precision: str | None = None,
+    deterministic: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The l2 ``residual_nearest_code`` and every stage's EMA statistics, for a training step::
+
+        counts[q][k]  = #{n : i_q[n] = k}                      float32 (K_q,)
+        sums[q][k, :] = sum_{n : i_q[n] = k} r_q[n, :]         float32 (K_q, D)
+
+    where r_q is the residual stage q searched (float32; float64 z: summed in
+    float64, returned as float32). ``ema_update_(..., stats=(counts[q],
+    sums[q]))`` finishes stage q's step. The Triton kernel (D <= 256, not
+    ``deterministic``) adds each residual into its code while it holds it, so
+    the statistics cost no pass of their own; elsewhere they are one
+    ``code_counts_and_sums`` a stage over the residuals rebuilt from the
+    indices. Arguments as ``residual_nearest_code``; ``deterministic`` as
+    ``code_counts_and_sums``.
+    """
+    books = _validate(z, codebooks, "l2", precision)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    precision = default_precision(z.dtype) if precision is None else precision
+    chosen = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1])
+    if _stats_in_search(chosen.name, z, deterministic):
+        fused = torch.ops.vqkernels.residual_nearest_code_with_stats_triton
+        indices, quantized, counts, sums = fused(z.contiguous(), books, _norms(z, books),
+                                                 precision)
+        sizes = [book.shape[0] for book in books]
+        return indices, quantized, list(counts.split(sizes)), list(sums.split(sizes))
+    indices, quantized = chosen.run(z, books, precision)
+    return indices, quantized, *_stage_statistics(z, books, indices, deterministic, chosen.name)
+
+
+def fuses_stats(z: torch.Tensor, *, deterministic: bool = False,
+                backend: str | None = None) -> bool:
+    """Does ``residual_nearest_code_with_stats`` add up the statistics of z's rows in its
+    search pass (Triton, D <= 256, not deterministic), rather than in a pass a stage after
+    it? A caller that can gather them more cheaply itself asks first."""
+    chosen = DISPATCH.select(backend, z.device, z.dtype, dim=z.shape[1])
+    return _stats_in_search(chosen.name, z, deterministic)
+
+
+def _stats_in_search(backend, z, deterministic):
+    return backend == "triton" and not deterministic and z.shape[1] <= _triton_max_dim()
+
+
+def _stage_statistics(z, books, indices, deterministic, backend):
+    """Each stage's counts and sums over r_q, rebuilt as the search made it: r_(q+1) = r_q -
+    e^q[i_q] in the compute dtype (float64 for float64 z, else float32)."""
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    residual, counts, sums = z.to(dtype), [], []
+    for book, ind in zip(books, indices.unbind(1)):
+        stage_counts, stage_sums = code_counts_and_sums(residual, ind, book.shape[0],
+                                                        deterministic=deterministic,
+                                                        backend=backend)
+        counts.append(stage_counts)
+        sums.append(stage_sums)
+        residual = residual - book.to(dtype).index_select(0, ind)
+    return counts, sums
+
+
+def _triton_max_dim():
+    from vqkernels.triton.residual import MAX_DIM  # imports triton on first use
+
+    return MAX_DIM
+
+
 def _validate(z, codebooks, metric, precision) -> list[torch.Tensor]:
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be a 2-D (N, D) tensor, got "
@@ -147,6 +219,24 @@ def _residual_nearest_code_triton(z: torch.Tensor, codebooks: list[torch.Tensor]
     from vqkernels.triton import residual as triton_residual
 
     return triton_residual.residual_nearest_code(z, codebooks, codebook_sqnorms, precision)
+
+
+@torch.library.custom_op("vqkernels::residual_nearest_code_with_stats_triton", mutates_args=())
+def _residual_nearest_code_with_stats_triton(
+        z: torch.Tensor, codebooks: list[torch.Tensor], codebook_sqnorms: list[torch.Tensor],
+        precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from vqkernels.triton import residual as triton_residual
+
+    return triton_residual.residual_nearest_code_with_stats(z, codebooks, codebook_sqnorms,
+                                                            precision)
+
+
+@_residual_nearest_code_with_stats_triton.register_fake
+def _(z, codebooks, codebook_sqnorms, precision):
+    rows = sum(book.shape[0] for book in codebooks)
+    return (*_fake_residual_nearest_code(z, codebooks, codebook_sqnorms, precision),
+            z.new_empty(rows, dtype=torch.float32),
+            z.new_empty((rows, z.shape[1]), dtype=torch.float32))
 
 
 torch.library.register_fake("vqkernels::residual_nearest_code_triton", _fake_residual_nearest_code)

@@ -4,6 +4,8 @@ One program owns BLOCK_N rows and takes them through every stage: their fp32
 residual and running sum stay in registers, and each stage streams its
 codebook past them in BLOCK_K-code tiles exactly as ``nearest_code`` does
 (``search._scan_tile``). z is read once, the sum written once; no N x K buffer.
+With STATS the program also adds each residual into its stage's chosen code
+(the EMA statistics of every stage, in the same pass).
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stage
 
 @triton.jit
 def _residual_search_kernel(
-    z_ptr, books_ptr, sqnorms_ptr, starts_ptr, idx_ptr, out_ptr, N, Q,
-    D: tl.constexpr, PRECISION: tl.constexpr,
+    z_ptr, books_ptr, sqnorms_ptr, starts_ptr, idx_ptr, out_ptr, counts_ptr, sums_ptr, N, Q,
+    D: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Residual search of BLOCK_N rows of z (N, D) through Q codebooks, concatenated in
@@ -43,6 +45,10 @@ def _residual_search_kernel(
     takes code 0 (as ``nearest_code``). FLOPs: 2 N D sum_q K_q. Bytes: z read and
     out written once (2 N D s), indices 8 N Q, the codebooks once per program
     (from L2 after the first). Needs D <= BLOCK_D.
+
+    STATS, in the rows of the concatenated codebooks (atomics, fp32 sums)::
+
+        counts[starts[q] + i_q[n]] += 1,   sums[starts[q] + i_q[n], :] += r_q[n, :]
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -64,13 +70,21 @@ def _residual_search_kernel(
         best_idx = tl.where((best > float("-inf")) & (best < float("inf")), best_idx, 0)
         chosen = tl.load(codes_ptr + best_idx.to(tl.int64)[:, None] * D + d_offs[None, :],
                          mask=mask, other=0.0).to(tl.float32)
+        if STATS:
+            slot = (start + best_idx).to(tl.int64)
+            tl.atomic_add(sums_ptr + slot[:, None] * D + d_offs[None, :], residual, mask=mask)
+            tl.atomic_add(counts_ptr + slot, tl.full((BLOCK_N,), 1, tl.int32), mask=row_ok)
         residual -= chosen
         total += chosen
         tl.store(idx_ptr + rows.to(tl.int64) * Q + q, best_idx.to(tl.int64), mask=row_ok)
     tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_TUNED = triton.autotune(configs=_CONFIGS, key=["Q", "D", "PRECISION"])(_residual_search_kernel)
+_TUNED = triton.autotune(configs=_CONFIGS, key=["Q", "D", "PRECISION", "STATS"])(
+    _residual_search_kernel)
+# Autotuning runs the kernel once per config: the statistics are zeroed before each run.
+_TUNED_STATS = triton.autotune(configs=_CONFIGS, key=["Q", "D", "PRECISION", "STATS"],
+                               reset_to_zero=["counts_ptr", "sums_ptr"])(_residual_search_kernel)
 
 
 def residual_nearest_code(z: torch.Tensor, books: list[torch.Tensor], sqnorms: list[torch.Tensor],
@@ -78,22 +92,47 @@ def residual_nearest_code(z: torch.Tensor, books: list[torch.Tensor], sqnorms: l
     """Launch the search on validated inputs: z (N, D <= MAX_DIM) contiguous, Q >= 1 codebooks
     (K_q >= 1, D) of z's dtype (fp32 / fp16 / bf16), sqnorms their fp32 |e|^2 (as the fp32
     codes), on z's device. Returns indices (N, Q) int64 and the sum of the codes (N, D)."""
+    indices, out = _outputs(z, books)
+    _launch(z, books, sqnorms, precision, indices, out, None)
+    return indices, out
+
+
+def residual_nearest_code_with_stats(z: torch.Tensor, books: list[torch.Tensor],
+                                     sqnorms: list[torch.Tensor], precision: str
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
+    """``residual_nearest_code`` plus every stage's counts and sums of the residual it
+    searched, stacked in the codebooks' order: (sum_q K_q,) and (sum_q K_q, D) fp32."""
+    indices, out = _outputs(z, books)
+    rows = sum(book.shape[0] for book in books)
+    counts = torch.zeros(rows, dtype=torch.int32, device=z.device)
+    sums = torch.zeros((rows, z.shape[1]), dtype=torch.float32, device=z.device)
+    _launch(z, books, sqnorms, precision, indices, out, (counts, sums))
+    return indices, out, counts.to(torch.float32), sums
+
+
+def _outputs(z, books):
+    return (torch.empty((z.shape[0], len(books)), dtype=torch.int64, device=z.device),
+            torch.empty_like(z))
+
+
+def _launch(z, books, sqnorms, precision, indices, out, stats):
     n, d = z.shape
-    indices = torch.empty((n, len(books)), dtype=torch.int64, device=z.device)
-    out = torch.empty_like(z)
     if n == 0:
-        return indices, out
+        return
     starts = torch.tensor(list(itertools.accumulate((book.shape[0] for book in books),
                                                     initial=0)),
                           dtype=torch.int64, pin_memory=z.is_cuda)
     starts = starts.to(z.device, non_blocking=True)  # from pinned memory: no host sync
+    counts, sums = stats if stats is not None else (indices, out)  # unused without STATS
     args = (z, torch.cat(books).contiguous(), torch.cat(sqnorms).float().contiguous(), starts,
-            indices, out, n, len(books))
-    constants = dict(D=d, PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(d)))
+            indices, out, counts, sums, n, len(books))
+    constants = dict(D=d, PRECISION=precision, STATS=stats is not None,
+                     BLOCK_D=max(16, triton.next_power_of_2(d)))
     with _device.on_device(z):
         if _interpreter.INTERPRETED:
             grid = (triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]),)
             _residual_search_kernel[grid](*args, **constants, **_INTERPRETER_CONFIG)
         else:
-            _TUNED[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constants)
-    return indices, out
+            tuned = _TUNED if stats is None else _TUNED_STATS
+            tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constants)
