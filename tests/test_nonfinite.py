@@ -59,6 +59,21 @@ def test_residual_search_of_non_finite_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_residual_statistics_of_non_finite_rows(backend, deterministic):
+    books = [CODES, CODES[[2, 0, 1]] / 4]
+    z = torch.tensor([[NAN, 0.0], [1.2, 0.7], [INF, 0.0], [2.1, 2.0]])
+    indices, quantized, counts, sums = ops.residual_nearest_code_with_stats(
+        z, books, deterministic=deterministic, backend=backend)
+    finite = ops.residual_nearest_code_with_stats(z[[1, 3]], books, backend=backend)
+    assert torch.equal(indices, ops.residual_nearest_code(z, books, backend=backend)[0])
+    for q in range(2):
+        assert torch.equal(counts[q], finite[2][q] + torch.tensor([2.0, 0.0, 0.0]))
+        assert sums[q][0, 0].isnan() and sums[q][0, 1].isfinite()  # NaN + inf: NaN
+        torch.testing.assert_close(sums[q][1:], finite[3][q][1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vector_quantize_propagates_nan(backend):
     z = torch.tensor([[NAN, 0.0], [0.9, 1.1]])
     z_q, loss, indices = ops.vector_quantize(z, CODES, backend=backend)
