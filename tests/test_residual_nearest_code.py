@@ -212,10 +212,12 @@ def test_triton_beyond_the_fused_width_runs_stage_by_stage(device, generator):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_fused_triton_kernel_opcheck(device, generator):
+@pytest.mark.parametrize("op", ["residual_nearest_code_triton",
+                                "residual_nearest_code_with_stats_triton"])
+def test_fused_triton_kernel_opcheck(device, op, generator):
     z, books = random_problem(generator, n=20)
     z, books = z.to(device), [book.to(device) for book in books]
-    torch.library.opcheck(torch.ops.vqkernels.residual_nearest_code_triton.default,
+    torch.library.opcheck(getattr(torch.ops.vqkernels, op).default,
                           (z, books, [book.square().sum(1) for book in books], "ieee"))
 
 
@@ -295,14 +297,6 @@ def test_with_stats_checks_its_arguments(generator):
         ops.residual_nearest_code_with_stats(z, [books[0], books[1][:, :2]])
     empty = ops.residual_nearest_code_with_stats(z[:0], books)
     assert empty[0].shape == (0, 3) and [c.sum().item() for c in empty[2]] == [0, 0, 0]
-
-
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_fused_triton_stats_opcheck(device, generator):
-    z, books = random_problem(generator, n=20)
-    z, books = z.to(device), [book.to(device) for book in books]
-    torch.library.opcheck(torch.ops.vqkernels.residual_nearest_code_with_stats_triton.default,
-                          (z, books, [book.square().sum(1) for book in books], "ieee"))
 
 
 def test_with_stats_compiles_fullgraph(generator):
