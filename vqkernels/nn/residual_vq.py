@@ -8,11 +8,11 @@ constructor, forward contract, random draws and state dict
 (``layers.{q}._codebook.*``, ``rvqs.{g}.layers.{q}._codebook.*``), so training
 code and checkpoints carry over. Once the stages are initialized, one
 ``ops.residual_nearest_code`` searches all of them (fused: z read once), and
-the stages take their codes from it; in training
+the stages take their codes from it; in training on Triton,
 ``ops.residual_nearest_code_with_stats`` also hands each stage the EMA
-statistics of its residual (on Triton from the same pass). Under ``torch.distributed`` the stages'
-EMA updates wait for the last stage (``update_deferred_stages``), so that the
-statistics of all of them go in one all-reduce a step.
+statistics of its residual from that same pass. Under ``torch.distributed``
+the stages' EMA updates wait for the last stage (``update_deferred_stages``),
+so that the statistics of all of them go in one all-reduce a step.
 ``ReferenceResidualVQ`` / ``ReferenceGroupedResidualVQ`` are the twins on the
 pure-PyTorch ``ReferenceVectorQuantize``.
 """
