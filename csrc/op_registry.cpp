@@ -17,6 +17,10 @@ TORCH_LIBRARY(vqkernels, m) {
   m.def(
       "ema_update_from_stats(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, "
       "Tensor counts, Tensor sums, float decay, float eps, bool bias_correction, int step) -> ()");
+  m.def(
+      "ema_update_from_stats_stages(Tensor(a!)[] cluster_sizes, Tensor(b!)[] embed_sums, "
+      "Tensor(c!)[] codebooks, Tensor[] counts, Tensor[] sums, float decay, float eps, "
+      "bool bias_correction, int step) -> ()");
   // The arguments of vqkernels/ops/ddim.py's StepArgs (tests/test_ddim.py holds them equal).
   m.def(
       "ddim_step(Tensor sample, Tensor cond, Tensor? uncond, Tensor timesteps, "
@@ -72,6 +76,7 @@ TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
   m.impl("ddim_step", &vqkernels::ddim_step);
   m.impl("ema_update", &vqkernels::ema_update_cuda);
   m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cuda);
+  m.impl("ema_update_from_stats_stages", &vqkernels::ema_update_from_stats_stages_cuda);
   m.impl("timestep_embedding", &vqkernels::timestep_embedding_cuda);
   m.impl("nearest_code", &vqkernels::nearest_code_cuda);
   m.impl("residual_nearest_code", &vqkernels::residual_nearest_code_cuda);

@@ -73,6 +73,12 @@ void ema_update_from_stats_cpu(VQK_EMA_UPDATE_FROM_STATS_ARGS);
 std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cuda(VQK_CODE_COUNTS_AND_SUMS_ARGS);
 void ema_update_cuda(VQK_EMA_UPDATE_ARGS);
 void ema_update_from_stats_cuda(VQK_EMA_UPDATE_FROM_STATS_ARGS);
+// ema_update_from_stats of every stage of a residual quantizer (one tensor of each a
+// stage; stages may differ in K, not in D or the codebook dtype), in two launches.
+void ema_update_from_stats_stages_cuda(at::TensorList cluster_sizes, at::TensorList embed_sums,
+                                       at::TensorList codebooks, at::TensorList counts,
+                                       at::TensorList sums, double decay, double eps,
+                                       bool bias_correction, int64_t step);
 #endif
 
 // One fused DDIM step (see vqkernels/reference/ddim.py, math in csrc/common/ddim.h),

@@ -132,6 +132,22 @@ def test_ema_update_with_nan_counts_keeps_the_codebook(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ema_update_stages_keeps_a_nan_in_its_stage(backend):
+    states = [list(ema_state()) for _ in range(3)]
+    expected = [[t.clone() for t in state] for state in states]
+    stats = [(torch.tensor([1.0, 2.0, 0.0]), torch.ones(3, 2)) for _ in range(3)]
+    stats[1] = (torch.tensor([NAN, 1.0, 0.0]), torch.ones(3, 2))
+    ops.ema_update_stages_(*(list(column) for column in zip(*states)), stats, decay=0.9,
+                           backend=backend)
+    for state, stage_stats in zip(expected, stats):
+        ops.ema_update_(*state, stats=stage_stats, decay=0.9, backend=backend)
+    assert states[1][0][0].isnan() and not states[0][0].isnan().any()
+    for got, want in zip(states, expected):
+        for a, b in zip(got, want):
+            same_nan(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kmeans_nan_row_poisons_one_center(backend):
     z = torch.tensor([[NAN, 0.0], [0.9, 1.1], [2.1, 2.0], [0.1, 0.0], [1.0, 0.9]])
     centers, counts = ops.kmeans(z, 2, 3, generator=torch.Generator().manual_seed(0),

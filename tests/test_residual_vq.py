@@ -29,22 +29,37 @@ CONFIGS = {  # name: (constructor options, input shape)
 
 def step(module, x, upstream, seed):
     """One forward (+ backward in training), each stage starting torch's generator at its
-    own seed: ops.replace_dead_codes_ draws its rows whether or not a code is dead (no host
-    sync), where vector-quantize-pytorch skips the draw, so one shared stream would part
-    after the first stage without dead codes."""
+    own seed, and again before its dead-code restarts: ops.replace_dead_codes_ draws its
+    rows whether or not a code is dead (no host sync), where vector-quantize-pytorch skips
+    the draw, so one shared stream would part after the first stage without dead codes (and
+    ResidualVQ restarts each stage's codes after the last stage's search)."""
     def reseed(stage_seed):
         def hook(*_):
             torch.manual_seed(stage_seed)
         return hook
 
+    def reseeded(expire, stage_seed):
+        def run(*args, **kwargs):
+            torch.manual_seed(stage_seed)
+            return expire(*args, **kwargs)
+        return run
+
     stages = [layer for rvq in getattr(module, "rvqs", [module]) for layer in rvq.layers]
     hooks = [layer.register_forward_pre_hook(reseed(seed * 100 + i))
              for i, layer in enumerate(stages)]
+    owners = [(layer, "_expire") if hasattr(layer, "_expire") else
+              (layer._codebook, "expire_codes_") for layer in stages]  # ours / theirs
+    for i, (owner, name) in enumerate(owners):
+        setattr(owner, name, reseeded(getattr(owner, name), seed * 100 + 50 + i))
     x = x.clone().requires_grad_(module.training)
     torch.manual_seed(seed)  # the same quantize-dropout draw
-    quantized, indices, losses = module(x)
-    for hook in hooks:
-        hook.remove()
+    try:
+        quantized, indices, losses = module(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for owner, name in owners:
+            delattr(owner, name)  # the class's method again
     if module.training:
         ((quantized * upstream).sum() + losses.sum()).backward()
     return quantized.detach(), indices, losses.detach(), x.grad
@@ -195,14 +210,16 @@ def test_bad_calls_name_the_problem(generator):
         GroupedResidualVQ(dim=DIM, groups=3, num_quantizers=2, codebook_size=5)
 
 
-def count_searches(monkeypatch) -> list[str]:
-    """The names of the residual searches ResidualVQ makes from now on, in order."""
-    searches = []
-    for name in ("residual_nearest_code", "residual_nearest_code_with_stats"):
+def count_calls(monkeypatch) -> list[str]:
+    """The names of the residual searches and EMA updates of every stage that ResidualVQ
+    makes from now on, in order."""
+    calls = []
+    for name in ("residual_nearest_code", "residual_nearest_code_with_stats",
+                 "ema_update_stages_"):
         monkeypatch.setattr(residual_vq.ops, name, functools.partial(
-            lambda search, *args, **kwargs: searches.append(search.__name__) or search(
-                *args, **kwargs), getattr(residual_vq.ops, name)))
-    return searches
+            lambda op, *args, **kwargs: calls.append(op.__name__) or op(*args, **kwargs),
+            getattr(residual_vq.ops, name)))
+    return calls
 
 
 def assert_fused_is_stage_by_stage(options, shape, generator):
@@ -221,12 +238,13 @@ def assert_fused_is_stage_by_stage(options, shape, generator):
                                     "projection", "cosine"])
 def test_one_search_for_all_stages_is_the_stage_by_stage_module(config, generator, monkeypatch):
     """After the first step (the stages' init) every step searches all stages in one
-    ops.residual_nearest_code; the module trains as its stages searching one by one do. On
-    the CPU each stage counts its own residual for the EMA step (a pass the C++ search would
-    not save)."""
-    searches = count_searches(monkeypatch)
+    ops.residual_nearest_code and updates all their codebooks in one ops.ema_update_stages_;
+    the module trains as its stages searching and updating one by one do. On the CPU each
+    stage counts its own residual for the EMA step (a pass the C++ search would not save)."""
+    calls = count_calls(monkeypatch)
     assert_fused_is_stage_by_stage(*CONFIGS[config], generator)
-    assert searches == ([] if config == "cosine" else ["residual_nearest_code"] * 3)
+    assert calls == ([] if config == "cosine" else ["residual_nearest_code", "ema_update_stages_"]
+                     * 2 + ["residual_nearest_code"])
 
 
 @pytest.mark.interpreter
@@ -234,7 +252,8 @@ def test_one_search_for_all_stages_is_the_stage_by_stage_module(config, generato
 def test_the_triton_search_hands_each_stage_its_statistics(config, generator, monkeypatch):
     """On Triton the training steps take every stage's EMA statistics from the search pass
     (ops.residual_nearest_code_with_stats); eval searches without them."""
-    searches = count_searches(monkeypatch)
+    calls = count_calls(monkeypatch)
     options, shape = CONFIGS[config]
     assert_fused_is_stage_by_stage({**options, "backend": "triton"}, shape, generator)
-    assert searches == ["residual_nearest_code_with_stats"] * 2 + ["residual_nearest_code"]
+    assert calls == (["residual_nearest_code_with_stats", "ema_update_stages_"] * 2
+                     + ["residual_nearest_code"])

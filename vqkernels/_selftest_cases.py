@@ -215,8 +215,29 @@ def check_ema_update(backend, device, dtype, generator) -> Errors:
     same, truth = [x.clone() for x in state], [x.to(F64) for x in state]
     ref_ema.ema_update_(*same, z, indices, **options)
     ref_ema.ema_update_(*truth, z.to(F64), indices, **options)
-    return {name: contract_error("ema_update", s.dtype, o, s, t)
-            for name, o, s, t in zip(("cluster_size", "embed_sum", "codebook"), ours, same, truth)}
+    errors = {name: contract_error("ema_update", s.dtype, o, s, t)
+              for name, o, s, t in zip(("cluster_size", "embed_sum", "codebook"), ours, same,
+                                       truth)}
+    errors["ema_update_stages_"] = (_stages_gap(state, z, indices, backend, device, options), 0.0)
+    return errors
+
+
+def _stages_gap(state, z, indices, backend, device, options) -> float:
+    """Largest difference of ema_update_stages_ of two stages (this state and one of its
+    first codes) from ema_update_ of each, from the same statistics: none is allowed."""
+    stats = ops.code_counts_and_sums(z.to(device), indices.to(device), K, backend=backend)
+    stages = [([x.to(device) for x in state], stats),
+              ([x[:K - 40].to(device) for x in state], tuple(x[:K - 40] for x in stats))]
+    copies = [[x.clone() for x in stage_state] for stage_state, _ in stages]
+    ops.ema_update_stages_(*(list(column) for column in zip(*copies)),
+                           [stage_stats for _, stage_stats in stages], backend=backend, **options)
+    gap = 0.0
+    for (stage_state, stage_stats), together in zip(stages, copies):
+        alone = [x.clone() for x in stage_state]
+        ops.ema_update_(*alone, stats=stage_stats, backend=backend, **options)
+        gap = max([gap] + [(a.double() - b.double()).abs().nan_to_num(float("inf")).max().item()
+                           for a, b in zip(alone, together)])
+    return gap
 
 
 # --- attention: forward and d/dq, d/dk, d/dv at DiT's head dim -------------------------------

@@ -120,6 +120,18 @@ void check_ema_state_cuda(const at::Tensor& cluster_size, const at::Tensor& embe
               "cluster_size and embed_sum must be float32");
 }
 
+void check_ema_stats_cuda(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                          const at::Tensor& codebook, const at::Tensor& counts,
+                          const at::Tensor& sums) {
+  check_ema_state_cuda(cluster_size, embed_sum, codebook);
+  TORCH_CHECK(counts.device() == cluster_size.device() && sums.device() == cluster_size.device(),
+              "counts and sums must be on the state's device");
+  TORCH_CHECK(counts.numel() == cluster_size.numel() && sums.sizes() == embed_sum.sizes(),
+              "counts must be (K,) and sums (K, D) like cluster_size and embed_sum");
+  TORCH_CHECK(counts.scalar_type() == at::kFloat && sums.scalar_type() == at::kFloat,
+              "counts and sums must be float32");
+}
+
 // counts (k,) u64 (in an int64 tensor) and sums (k, dim) fp32 of a checked batch.
 std::tuple<at::Tensor, at::Tensor> run_code_stats(const at::Tensor& z, const at::Tensor& indices,
                                                   int64_t k, bool deterministic) {
@@ -195,16 +207,42 @@ void ema_update_from_stats_cuda(const at::Tensor& cluster_size, const at::Tensor
                                 const at::Tensor& codebook, const at::Tensor& counts,
                                 const at::Tensor& sums, double decay, double eps,
                                 bool bias_correction, int64_t step) {
-  check_ema_state_cuda(cluster_size, embed_sum, codebook);
-  TORCH_CHECK(counts.device() == cluster_size.device() && sums.device() == cluster_size.device(),
-              "counts and sums must be on the state's device");
-  TORCH_CHECK(counts.numel() == cluster_size.numel() && sums.sizes() == embed_sum.sizes(),
-              "counts must be (K,) and sums (K, D) like cluster_size and embed_sum");
-  TORCH_CHECK(counts.scalar_type() == at::kFloat && sums.scalar_type() == at::kFloat,
-              "counts and sums must be float32");
+  check_ema_stats_cuda(cluster_size, embed_sum, codebook, counts, sums);
   const c10::cuda::CUDAGuard guard(cluster_size.device());
   run_ema_finalize(cluster_size, embed_sum, codebook, counts.contiguous(), DType::Float32,
                    sums.contiguous(), decay, eps, bias_correction, step);
+}
+
+void ema_update_from_stats_stages_cuda(at::TensorList cluster_sizes, at::TensorList embed_sums,
+                                       at::TensorList codebooks, at::TensorList counts,
+                                       at::TensorList sums, double decay, double eps,
+                                       bool bias_correction, int64_t step) {
+  const int64_t count = static_cast<int64_t>(cluster_sizes.size());
+  TORCH_CHECK(count >= 1 && count <= cuda::kMaxEmaStages, "the EMA of stages takes 1 to ",
+              cuda::kMaxEmaStages, " stages, got ", count);
+  for (const at::TensorList* list : {&embed_sums, &codebooks, &counts, &sums}) {
+    TORCH_CHECK(static_cast<int64_t>(list->size()) == count, "cluster_sizes, embed_sums, "
+                "codebooks, counts and sums must hold one tensor a stage");
+  }
+  cuda::EmaStages stages{static_cast<int>(count), embed_sums[0].size(-1), eps, {}};
+  for (int64_t q = 0; q < count; ++q) {
+    check_ema_stats_cuda(cluster_sizes[q], embed_sums[q], codebooks[q], counts[q], sums[q]);
+    TORCH_CHECK(cluster_sizes[q].device() == cluster_sizes[0].device() &&
+                    embed_sums[q].size(1) == stages.dim &&
+                    codebooks[q].scalar_type() == codebooks[0].scalar_type(),
+                "every stage must be on one device, with one D and one codebook dtype");
+    stages.stage[q] = {cluster_sizes[q].mutable_data_ptr<float>(),
+                       embed_sums[q].mutable_data_ptr<float>(), codebooks[q].mutable_data_ptr(),
+                       counts[q].const_data_ptr<float>(), sums[q].const_data_ptr<float>(),
+                       cluster_sizes[q].numel()};
+  }
+  const c10::cuda::CUDAGuard guard(cluster_sizes[0].device());
+  at::Tensor totals = at::empty({count}, cluster_sizes[0].options());
+  // The kernels set k_eps to K_q eps for each stage.
+  const common::EmaParams params = common::make_ema_params(decay, eps, bias_correction, step, 1);
+  C10_CUDA_CHECK(cuda::launch_ema_finalize_stages(stages, to_dtype(codebooks[0].scalar_type()),
+                                                  params, totals.mutable_data_ptr<float>(),
+                                                  c10::cuda::getCurrentCUDAStream()));
 }
 
 // --- DDIM step (kernel in ddim.cu) ------------------------------------------------------

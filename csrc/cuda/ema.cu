@@ -8,6 +8,8 @@
 // one thread per (code, column) updates embed_sum and writes the codebook.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "common/ema.h"
 #include "dispatch.cuh"
 #include "kernels.h"
@@ -78,10 +80,11 @@ __global__ void counts_to_float_kernel(const unsigned long long* __restrict__ co
   }
 }
 
+// One block: cluster_size's moving average and the total of its debiased sizes.
 template <typename Count>
-__global__ void __launch_bounds__(kClusterThreads)
-    ema_cluster_kernel(float* __restrict__ cluster_size, const Count* __restrict__ counts,
-                       int64_t k, common::EmaParams p, float* __restrict__ total) {
+__device__ void ema_cluster_block(float* __restrict__ cluster_size,
+                                  const Count* __restrict__ counts, int64_t k,
+                                  const common::EmaParams& p, float* __restrict__ total) {
   __shared__ double partial[kClusterThreads];
   double sum = 0.0;
   for (int64_t c = threadIdx.x; c < k; c += kClusterThreads) {
@@ -98,12 +101,20 @@ __global__ void __launch_bounds__(kClusterThreads)
   if (threadIdx.x == 0) *total = static_cast<float>(partial[0]);
 }
 
-// Bytes of the update (this and ema_cluster_kernel): 12 K + K D (12 + s).
+template <typename Count>
+__global__ void __launch_bounds__(kClusterThreads)
+    ema_cluster_kernel(float* __restrict__ cluster_size, const Count* __restrict__ counts,
+                       int64_t k, common::EmaParams p, float* __restrict__ total) {
+  ema_cluster_block(cluster_size, counts, k, p, total);
+}
+
+// The embed sums and codebook rows of one codebook, in a grid-stride loop over its K D
+// elements. Bytes of the update (this and ema_cluster_block): 12 K + K D (12 + s).
 template <typename C>
-__global__ void ema_codebook_kernel(float* __restrict__ embed_sum, const float* __restrict__ sums,
-                                    const float* __restrict__ cluster_size, C* __restrict__ codebook,
-                                    const float* __restrict__ total_ptr, int64_t k, int64_t dim,
-                                    common::EmaParams p) {
+__device__ void ema_codebook_elements(float* __restrict__ embed_sum, const float* __restrict__ sums,
+                                      const float* __restrict__ cluster_size,
+                                      C* __restrict__ codebook, const float* __restrict__ total_ptr,
+                                      int64_t k, int64_t dim, const common::EmaParams& p) {
   const float total = *total_ptr;
   const int64_t work = k * dim;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < work;
@@ -117,6 +128,38 @@ __global__ void ema_codebook_kernel(float* __restrict__ embed_sum, const float* 
       codebook[i] = from_float<C>(common::ema_code_value(e, smoothed, p));
     }
   }
+}
+
+template <typename C>
+__global__ void ema_codebook_kernel(float* __restrict__ embed_sum, const float* __restrict__ sums,
+                                    const float* __restrict__ cluster_size, C* __restrict__ codebook,
+                                    const float* __restrict__ total_ptr, int64_t k, int64_t dim,
+                                    common::EmaParams p) {
+  ema_codebook_elements(embed_sum, sums, cluster_size, codebook, total_ptr, k, dim, p);
+}
+
+// Stage q's parameters: K_q eps rounded from double, as make_ema_params rounds it.
+__device__ common::EmaParams stage_params(common::EmaParams p, const EmaStages& stages, int q) {
+  p.k_eps = static_cast<float>(static_cast<double>(stages.stage[q].k) * stages.eps);
+  return p;
+}
+
+// Every stage of a residual quantizer in two launches: block q updates stage q's
+// cluster sizes and total, then blocks (x, q) its embed sums and codebook.
+__global__ void __launch_bounds__(kClusterThreads)
+    ema_cluster_stages_kernel(EmaStages stages, common::EmaParams p, float* __restrict__ totals) {
+  const EmaStage& stage = stages.stage[blockIdx.x];
+  ema_cluster_block(stage.cluster_size, stage.counts, stage.k, stage_params(p, stages, blockIdx.x),
+                    totals + blockIdx.x);
+}
+
+template <typename C>
+__global__ void ema_codebook_stages_kernel(EmaStages stages, common::EmaParams p,
+                                           const float* __restrict__ totals) {
+  const EmaStage& stage = stages.stage[blockIdx.y];
+  ema_codebook_elements(stage.embed_sum, stage.sums, stage.cluster_size,
+                        static_cast<C*>(stage.codebook), totals + blockIdx.y, stage.k, stages.dim,
+                        stage_params(p, stages, blockIdx.y));
 }
 
 template <typename F>
@@ -191,6 +234,28 @@ cudaError_t launch_ema_finalize(float* cluster_size, float* embed_sum, void* cod
     using C = decltype(tag);
     ema_codebook_kernel<C><<<blocks_for(k * dim, kThreads), kThreads, 0, stream>>>(
         embed_sum, sums, cluster_size, static_cast<C*>(codebook), total, k, dim, params);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_ema_finalize_stages(const EmaStages& stages, DType codebook_dtype,
+                                       const common::EmaParams& params, float* totals,
+                                       cudaStream_t stream) {
+  if (stages.count < 1 || stages.count > kMaxEmaStages || stages.dim < 1) {
+    return cudaErrorInvalidValue;
+  }
+  int64_t most = 0;
+  for (int q = 0; q < stages.count; ++q) {
+    if (stages.stage[q].k < 1) return cudaErrorInvalidValue;
+    most = std::max(most, stages.stage[q].k * stages.dim);
+  }
+  ema_cluster_stages_kernel<<<stages.count, kClusterThreads, 0, stream>>>(stages, params, totals);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return dispatch_gpu_float(codebook_dtype, [&](auto tag) {
+    const dim3 grid(static_cast<unsigned>(blocks_for(most, kThreads)), stages.count);
+    ema_codebook_stages_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(stages, params,
+                                                                            totals);
     return cudaGetLastError();
   });
 }

@@ -64,6 +64,30 @@ cudaError_t launch_ema_finalize(float* cluster_size, float* embed_sum, void* cod
                                 const common::EmaParams& params, float* total,
                                 cudaStream_t stream);
 
+// The finalize above for every stage of a residual quantizer, in two launches for all:
+// stage q's state, counts (K_q,) fp32 and sums (K_q, dim) fp32 in stages.stage[q]
+// (contiguous; the codebooks all of codebook_dtype); params as make_ema_params
+// makes them, but for k_eps, which each stage takes as K_q eps (eps in stages.eps);
+// totals is a stages.count-float scratch.
+constexpr int kMaxEmaStages = 64;
+struct EmaStage {
+  float* cluster_size;
+  float* embed_sum;
+  void* codebook;
+  const float* counts;
+  const float* sums;
+  int64_t k;
+};
+struct EmaStages {  // by value (3 KB of the 4 KB of launch arguments): no device copy
+  int count;
+  int64_t dim;
+  double eps;
+  EmaStage stage[kMaxEmaStages];
+};
+cudaError_t launch_ema_finalize_stages(const EmaStages& stages, DType codebook_dtype,
+                                       const common::EmaParams& params, float* totals,
+                                       cudaStream_t stream);
+
 // One fused DDIM step (csrc/cuda/ddim.cu) of a checked record (csrc/common/ddim.h).
 cudaError_t launch_ddim_step(const common::DdimStep& step, cudaStream_t stream);
 

@@ -123,7 +123,9 @@ class ResidualVQ(nn.Module):
         quantized_out, residual = torch.zeros_like(x), x
         all_indices, losses = [], []
         given = self._search_all_stages(x, last, with_stats=self.training and not freeze_codebook)
-        deferred = [] if self.training and self._syncs_statistics() else None
+        # The stages' EMA steps wait for the last stage: one update of every codebook (and
+        # under torch.distributed one all-reduce of every stage's statistics) a step.
+        deferred = [] if self.training and (given or self._syncs_statistics()) else None
         try:
             for q, layer in enumerate(self.layers):
                 if q > last:
@@ -207,21 +209,38 @@ class ResidualVQ(nn.Module):
 
 
 def update_deferred_stages(deferred: list) -> None:
-    """The EMA steps the stages deferred, after one all-reduce of all their statistics.
+    """The EMA steps the stages deferred: every stage's statistics (in one all-reduce when
+    they sync them), one ``ops.ema_update_stages_`` for the codebooks of the stages with an
+    EMA update (on CUDA one launch pair for all), then each stage's rest (the statistics'
+    moving average without one, dead-code restarts) in stage order.
 
     A stage's update changes only its own codebook, which no later stage of the same step
     reads, so updating after every stage has searched gives what updating each in turn
-    gives, with one collective a step instead of one a stage. ``deferred``: (stage, batch,
-    indices, ema_update, (counts, sums), or None where the stage's search made none) in
-    stage order.
+    gives. ``deferred``: (stage, batch, indices, ema_update, (counts, sums), or None where
+    the stage's search made none) in stage order.
     """
     stats = [stage._local_stats(flat, ind) if stats is None else stats
              for stage, flat, ind, _, stats in deferred]
-    packed = torch.cat([torch.cat([counts[:, None], sums], dim=1) for counts, sums in stats])
-    dist.all_reduce(packed)
-    for (stage, flat, ind, ema_update, _), part in zip(
-            deferred, packed.split([stage.codebook_size for stage, *_ in deferred])):
-        stage._update(flat, ind, ema_update, (part[:, 0], part[:, 1:]))
+    if any(stage.sync_codebook for stage, *_ in deferred):
+        packed = torch.cat([torch.cat([counts[:, None], sums], dim=1) for counts, sums in stats])
+        dist.all_reduce(packed)
+        stats = [(part[:, 0], part[:, 1:]) for part in
+                 packed.split([stage.codebook_size for stage, *_ in deferred])]
+    together = [(stage, stage_stats) for (stage, *_, ema_update, _), stage_stats
+                in zip(deferred, stats) if ema_update]
+    if len({(stage.decay, stage.eps, stage.backend) for stage, _ in together}) != 1:
+        together = []  # stages of other options update one by one
+    if together:
+        books = [stage._codebook for stage, _ in together]
+        first = together[0][0]
+        ops.ema_update_stages_([book.cluster_size[0] for book in books],
+                               [book.embed_avg[0] for book in books],
+                               [book.embed[0] for book in books],
+                               [stage_stats for _, stage_stats in together],
+                               decay=first.decay, eps=first.eps, backend=first.backend)
+    done = {id(stage) for stage, _ in together}
+    for (stage, flat, ind, ema_update, _), stage_stats in zip(deferred, stats):
+        stage._update(flat, ind, ema_update, stage_stats, ema_done=id(stage) in done)
 
 
 class ReferenceResidualVQ(ResidualVQ):

@@ -229,11 +229,13 @@ class _VectorQuantizeBase(nn.Module):
     def _learn(self, flat, ind, ema_update, stats):
         self._update(flat, ind, ema_update, stats)
 
-    def _update(self, flat, ind, ema_update, stats):
-        """The EMA step (from ``stats``, this batch's counts and sums, if the search made them)."""
+    def _update(self, flat, ind, ema_update, stats, ema_done=False):
+        """The EMA step (from ``stats``, this batch's counts and sums, if the search made them;
+        ``ema_done``: ResidualVQ already updated the codebook, with its other stages')."""
         book = self._codebook
         if ema_update:
-            self._ema(flat, ind, self.decay, stats)
+            if not ema_done:
+                self._ema(flat, ind, self.decay, stats)
             if self.use_cosine_sim:
                 book.embed.copy_(_l2norm(book.embed))
         else:  # the statistics still move, for the dead-code restarts (as theirs)
