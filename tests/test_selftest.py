@@ -28,7 +28,9 @@ WHATS = {
     "vector_quantize": {"z_q", "loss", "grad z", "grad codebook"},
     "nearest_code_with_stats": {"indices", "distances", "counts", "sums"},
     "code_counts_and_sums": {"counts", "sums"},
-    "ema_update_": {"cluster_size", "embed_sum", "codebook", "ema_update_stages_"},
+    "ema_update_": {"cluster_size", "embed_sum", "codebook"},
+    "ema_update_stages_": {f"stage {q} {name}" for q in range(2)
+                           for name in ("cluster_size", "embed_sum", "codebook")},
     "attention": {"out", "grad q", "grad k", "grad v"},
     "ddim_step": {"prev_sample", "pred_original_sample"},
     "layer_norm_modulate": {"h", "grad x", "grad shift", "grad scale"},

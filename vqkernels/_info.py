@@ -31,6 +31,8 @@ def _op_dispatches():
         "code_counts_and_sums (fp32)": ("code_counts_and_sums", ema.STATS_DISPATCH, f32, {}),
         "ema_update_ (fp32 z and codebook)": ("ema_update_", ema.DISPATCH, f32,
                                               dict(codebook_dtype=f32)),
+        "ema_update_stages_ (fp32 codebooks)": ("ema_update_stages_", ema.STAGES_DISPATCH, f32,
+                                                dict(codebook_dtype=f32)),
         "attention (fp32, d=72)": ("attention", attention_dispatch, f32, dict(head_dim=72)),
         "ddim_step (fp32)": ("ddim_step", ddim.DISPATCH, f32, {}),
         "layer_norm_modulate (fp32)": ("layer_norm_modulate", adaln.NORM_DISPATCH, f32, {}),

@@ -215,29 +215,33 @@ def check_ema_update(backend, device, dtype, generator) -> Errors:
     same, truth = [x.clone() for x in state], [x.to(F64) for x in state]
     ref_ema.ema_update_(*same, z, indices, **options)
     ref_ema.ema_update_(*truth, z.to(F64), indices, **options)
-    errors = {name: contract_error("ema_update", s.dtype, o, s, t)
-              for name, o, s, t in zip(("cluster_size", "embed_sum", "codebook"), ours, same,
-                                       truth)}
-    errors["ema_update_stages_"] = (_stages_gap(state, z, indices, backend, device, options), 0.0)
+    return {name: contract_error("ema_update", s.dtype, o, s, t)
+            for name, o, s, t in zip(("cluster_size", "embed_sum", "codebook"), ours, same, truth)}
+
+
+def check_ema_update_stages(backend, device, dtype, generator) -> Errors:
+    """Two stages (K and K - 40 codes) from their batches' statistics: each as the
+    reference updates it alone, within the EMA contract."""
+    states, stats = [], []
+    for k in (K, K - 40):
+        z, indices = _randn((N, D), generator, dtype), torch.randint(0, k, (N,), generator=generator)
+        cluster_size = torch.rand(k, generator=generator) + 0.5
+        states.append([cluster_size, _randn((k, D), generator, F32) * cluster_size[:, None],
+                       _randn((k, D), generator, ema_codebook_dtype(dtype))])
+        stats.append([x.float() for x in ref_ema.code_counts_and_sums(z.to(F64), indices, k)])
+    options = dict(decay=0.9, eps=1e-5, bias_correction=True, step=3)
+    ours = [[x.clone().to(device) for x in state] for state in states]
+    ops.ema_update_stages_(*(list(column) for column in zip(*ours)),
+                           [tuple(x.to(device) for x in pair) for pair in stats], backend=backend,
+                           **options)
+    errors, scalars = {}, tuple(options.values())
+    for q, (state, pair, got) in enumerate(zip(states, stats, ours)):
+        same, truth = [x.clone() for x in state], [x.to(F64) for x in state]
+        ref_ema.ema_update_from_stats_(*same, *pair, *scalars)
+        ref_ema.ema_update_from_stats_(*truth, *(x.to(F64) for x in pair), *scalars)
+        for name, o, s, t in zip(("cluster_size", "embed_sum", "codebook"), got, same, truth):
+            errors[f"stage {q} {name}"] = contract_error("ema_update", s.dtype, o, s, t)
     return errors
-
-
-def _stages_gap(state, z, indices, backend, device, options) -> float:
-    """Largest difference of ema_update_stages_ of two stages (this state and one of its
-    first codes) from ema_update_ of each, from the same statistics: none is allowed."""
-    stats = ops.code_counts_and_sums(z.to(device), indices.to(device), K, backend=backend)
-    stages = [([x.to(device) for x in state], stats),
-              ([x[:K - 40].to(device) for x in state], tuple(x[:K - 40] for x in stats))]
-    copies = [[x.clone() for x in stage_state] for stage_state, _ in stages]
-    ops.ema_update_stages_(*(list(column) for column in zip(*copies)),
-                           [stage_stats for _, stage_stats in stages], backend=backend, **options)
-    gap = 0.0
-    for (stage_state, stage_stats), together in zip(stages, copies):
-        alone = [x.clone() for x in stage_state]
-        ops.ema_update_(*alone, stats=stage_stats, backend=backend, **options)
-        gap = max([gap] + [(a.double() - b.double()).abs().nan_to_num(float("inf")).max().item()
-                           for a, b in zip(alone, together)])
-    return gap
 
 
 # --- attention: forward and d/dq, d/dk, d/dv at DiT's head dim -------------------------------
@@ -353,6 +357,9 @@ CASES = (
          check_code_counts_and_sums, _plain),
     Case("ema_update_", ema.DISPATCH, (F32, F64, F16, BF16), check_ema_update,
          lambda dtype: (dtype, {"codebook_dtype": ema_codebook_dtype(dtype)})),
+    Case("ema_update_stages_", ema.STAGES_DISPATCH, (F32, F64, F16, BF16),
+         check_ema_update_stages,
+         lambda dtype: (ema.STATE_DTYPE, {"codebook_dtype": ema_codebook_dtype(dtype)})),
     Case("attention", ATTENTION_DISPATCH, (F32, F64, F16, BF16), check_attention,
          lambda dtype: (dtype, {"head_dim": 72})),
     Case("ddim_step", ddim.DISPATCH, (F32, F16, BF16), check_ddim_step, _plain),

@@ -45,7 +45,8 @@ SELFTEST_FAMILIES = {
     "timestep_embedding": "timestep", "nearest_code": "search",
     "nearest_code_with_stats": "search", "vector_quantize": "quantizer",
     "residual_nearest_code": "rvq",
-    "code_counts_and_sums": "ema", "ema_update_": "ema", "ddim_step": "ddim",
+    "code_counts_and_sums": "ema", "ema_update_": "ema", "ema_update_stages_": "ema",
+    "ddim_step": "ddim",
     "attention": "attention", "layer_norm_modulate": "adaln", "gated_residual": "adaln",
     "gated_residual_layer_norm_modulate": "adaln",
 }

@@ -221,6 +221,42 @@ def ema_update_(
                 x.copy_(y)
 
 
+def _stage_by_stage(backend):
+    """The update of every stage as ``ema_update_`` of each on ``backend``."""
+    def run(states, stats, options):
+        for state, stage_stats in zip(states, stats):
+            ema_update_(*state, stats=stage_stats, backend=backend, **options)
+    return run
+
+
+def _run_cuda_stages(states, stats, options):
+    """One launch pair for up to CUDA_MAX_STAGES contiguous stages of one codebook dtype."""
+    if (len(states) > CUDA_MAX_STAGES or len({state[2].dtype for state in states}) != 1
+            or not all(x.is_contiguous() for state in states for x in state)):
+        return _stage_by_stage("cuda")(states, stats, options)
+    step = options["step"] if options["bias_correction"] else 1
+    with torch.no_grad():
+        torch.ops.vqkernels.ema_update_from_stats_stages(
+            *(list(column) for column in zip(*states)),
+            [counts.contiguous() for counts, _ in stats], [sums.contiguous() for _, sums in stats],
+            float(options["decay"]), float(options["eps"]), bool(options["bias_correction"]),
+            int(step))
+
+
+# Its own dispatch: on CUDA ``auto`` takes the launch pair of every stage once a GPU run has
+# verified it (vqkernels._verified, op "ema_update_stages_"), until then Triton's updates.
+STAGES_DISPATCH = OpDispatch(
+    op="ema_update_stages_",
+    backends={
+        "reference": Backend("reference", _stage_by_stage("reference")),
+        "cpu": Backend("cpu", _stage_by_stage("cpu"), DTYPES, _compiled_limit),
+        "cuda": Backend("cuda", _run_cuda_stages, GPU_DTYPES, _compiled_limit),
+        "triton": Backend("triton", _stage_by_stage("triton"), GPU_DTYPES, _codebook_limit),
+    },
+    auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
+)
+
+
 def ema_update_stages_(
     cluster_sizes: Sequence[torch.Tensor],
     embed_sums: Sequence[torch.Tensor],
@@ -242,21 +278,10 @@ def ema_update_stages_(
     """
     states = _validate_stages(cluster_sizes, embed_sums, codebooks, stats, decay, eps,
                               bias_correction, step)
-    options = dict(decay=decay, eps=eps, bias_correction=bias_correction, step=step)
-    chosen = DISPATCH.select(backend, states[0][0].device, STATE_DTYPE,
-                             codebook_dtype=states[0][2].dtype)
-    one_launch = (chosen.name == "cuda" and len(states) <= CUDA_MAX_STAGES
-                  and len({state[2].dtype for state in states}) == 1
-                  and all(x.is_contiguous() for state in states for x in state))
-    if not one_launch:
-        for state, stage_stats in zip(states, stats):
-            ema_update_(*state, stats=stage_stats, backend=chosen.name, **options)
-        return
-    with torch.no_grad():
-        torch.ops.vqkernels.ema_update_from_stats_stages(
-            *(list(column) for column in zip(*states)),
-            [counts.contiguous() for counts, _ in stats], [sums.contiguous() for _, sums in stats],
-            float(decay), float(eps), bool(bias_correction), int(step) if bias_correction else 1)
+    chosen = STAGES_DISPATCH.select(backend, states[0][0].device, STATE_DTYPE,
+                                    codebook_dtype=states[0][2].dtype)
+    chosen.run(states, list(stats), dict(decay=decay, eps=eps, bias_correction=bias_correction,
+                                         step=step))
 
 
 def _validate_stages(cluster_sizes, embed_sums, codebooks, stats, decay, eps, bias_correction,
