@@ -99,6 +99,33 @@ def validate_update(cluster_size, embed_sum, codebook, z, indices, stats, decay,
     _validate_scalars(decay, eps, bias_correction, step)
 
 
+def validate_stages(cluster_sizes, embed_sums, codebooks, stats, decay, eps, bias_correction,
+                     step) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each stage checked as ``ema_update_`` checks it (errors name the stage), all on one
+    device and of one D."""
+    columns = {"cluster_sizes": cluster_sizes, "embed_sums": embed_sums, "codebooks": codebooks,
+               "stats": stats}
+    for name, column in columns.items():
+        if not isinstance(column, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple (one entry a stage), got "
+                            f"{type(column).__name__}")
+    if not cluster_sizes or len({len(column) for column in columns.values()}) != 1:
+        raise ValueError("cluster_sizes, embed_sums, codebooks and stats must hold one entry a "
+                         "stage, at least one, got " +
+                         ", ".join(f"{len(c)} {name}" for name, c in columns.items()))
+    states = list(zip(cluster_sizes, embed_sums, codebooks))
+    for q, (state, stage_stats) in enumerate(zip(states, stats)):
+        try:
+            validate_update(*state, None, None, stage_stats, decay, eps, bias_correction, step)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"stage {q}: {error}") from None
+        if state[0].device != states[0][0].device or state[1].shape[1] != states[0][1].shape[1]:
+            raise ValueError(f"stage {q}: every stage must be on one device with one D, got "
+                             f"{state[0].device} and D = {state[1].shape[1]} after "
+                             f"{states[0][0].device} and D = {states[0][1].shape[1]}")
+    return states
+
+
 def _validate_stats(stats, k, d, device, z, indices):
     if z is not None or indices is not None:
         raise ValueError("pass either z and indices or stats=(counts, sums), not both")

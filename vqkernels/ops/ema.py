@@ -18,7 +18,7 @@ import torch
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
 from vqkernels.ops._ema_checks import (DTYPES, STATE_DTYPE, check_indices_on_cpu, check_int,
-                                       validate_batch, validate_update)
+                                       validate_batch, validate_stages, validate_update)
 from vqkernels.reference import ema as reference
 
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -203,7 +203,7 @@ def ema_update_(
     Triton reduces BLOCK_J-row tiles with a fixed tree.
     """
     validate_update(cluster_size, embed_sum, codebook, z, indices, stats, decay, eps,
-                     bias_correction, step)
+                    bias_correction, step)
     if stats is None:
         device, dtype = z.device, z.dtype
         z, indices = z.contiguous(), indices.contiguous()
@@ -276,39 +276,12 @@ def ema_update_stages_(
     stages one by one. Each stage as ``ema_update_`` takes it (stages may differ in K);
     returns None.
     """
-    states = _validate_stages(cluster_sizes, embed_sums, codebooks, stats, decay, eps,
+    states = validate_stages(cluster_sizes, embed_sums, codebooks, stats, decay, eps,
                               bias_correction, step)
     chosen = STAGES_DISPATCH.select(backend, states[0][0].device, STATE_DTYPE,
                                     codebook_dtype=states[0][2].dtype)
     chosen.run(states, list(stats), dict(decay=decay, eps=eps, bias_correction=bias_correction,
                                          step=step))
-
-
-def _validate_stages(cluster_sizes, embed_sums, codebooks, stats, decay, eps, bias_correction,
-                     step) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Each stage checked as ``ema_update_`` checks it (errors name the stage), all on one
-    device and of one D."""
-    columns = {"cluster_sizes": cluster_sizes, "embed_sums": embed_sums, "codebooks": codebooks,
-               "stats": stats}
-    for name, column in columns.items():
-        if not isinstance(column, (list, tuple)):
-            raise TypeError(f"{name} must be a list or tuple (one entry a stage), got "
-                            f"{type(column).__name__}")
-    if not cluster_sizes or len({len(column) for column in columns.values()}) != 1:
-        raise ValueError("cluster_sizes, embed_sums, codebooks and stats must hold one entry a "
-                         "stage, at least one, got " +
-                         ", ".join(f"{len(c)} {name}" for name, c in columns.items()))
-    states = list(zip(cluster_sizes, embed_sums, codebooks))
-    for q, (state, stage_stats) in enumerate(zip(states, stats)):
-        try:
-            validate_update(*state, None, None, stage_stats, decay, eps, bias_correction, step)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"stage {q}: {error}") from None
-        if state[0].device != states[0][0].device or state[1].shape[1] != states[0][1].shape[1]:
-            raise ValueError(f"stage {q}: every stage must be on one device with one D, got "
-                             f"{state[0].device} and D = {state[1].shape[1]} after "
-                             f"{states[0][0].device} and D = {states[0][1].shape[1]}")
-    return states
 
 
 # --- torch.library registration ------------------------------------------------------------
