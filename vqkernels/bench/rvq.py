@@ -7,6 +7,11 @@ against the loop a user writes in PyTorch, a matmul + argmin a stage (the
 reference row): FLOPs 2 N K D a stage, bytes z read and the output written
 once, the codebooks read once, the (N, Q) indices written.
 
+The EMA step of every stage ("ema-stages-..." rows): ``ops.ema_update_stages_`` on
+each backend against ``ops.ema_update_`` of each stage in turn (the reference row, on
+the device's ``auto`` backend), from given statistics: bytes Q (12 K + K D (12 + 4)),
+the state, statistics and fp32 codebooks read and written once.
+
 The training step is ``vqkernels.bench.quantizer.train_step`` (forward + backward of
 ``(quantized * upstream).sum() + losses.sum()``) on a fresh-random batch, both
 modules in training mode with the same codebooks (``rotation_trick=False``:
@@ -26,7 +31,8 @@ from vqkernels.bench.cases import REFERENCE, Case, usable_backends
 from vqkernels.bench.quantizer import train_step
 from vqkernels.bench.search import matmul_argmin
 from vqkernels.nn import ResidualVQ
-from vqkernels.ops import residual, search
+from vqkernels import ops
+from vqkernels.ops import ema, residual, search
 
 STAGE_LOOP = "nearest-code-loop"  # Q separate nearest_code calls, the baseline of the fused search
 
@@ -41,6 +47,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     shapes = shapes[:1] if quick else shapes
     found = [_search_case(device, *shape) for shape in shapes]
+    found += [_ema_case(device, q, k, d) for q, k, d, *_ in shapes]
     if importlib.util.find_spec("vector_quantize_pytorch") is not None:
         found += [_train_case(device, *shape) for shape in shapes]
     return found
@@ -72,6 +79,29 @@ def _search_case(device, q, k, d, b, t) -> Case:
     return Case(op="rvq", shape=f"search-Q{q}xN{n}xK{k}xD{d}", fns=fns,
                 bytes=4 * (2 * n * d + q * k * d) + 8 * n * q, flops=2 * q * n * k * d,
                 flop_dtype="fp32", baselines=(STAGE_LOOP,))
+
+
+def _ema_case(device, q, k, d) -> Case:
+    generator = torch.Generator(device=device).manual_seed(0)
+    counts = torch.randint(0, 64, (q, k), device=device, generator=generator).float()
+    states = [[torch.rand(k, device=device, generator=generator) + 0.5,
+               torch.randn(k, d, device=device, generator=generator),
+               torch.randn(k, d, device=device, generator=generator)] for _ in range(q)]
+    stats = [(c, torch.randn(k, d, device=device, generator=generator)) for c in counts]
+    columns = [list(column) for column in zip(*states)]
+
+    def one_by_one():
+        for state, stage_stats in zip(states, stats):
+            ops.ema_update_(*state, stats=stage_stats, decay=0.99)
+
+    fns = {REFERENCE: one_by_one}
+    for name in usable_backends(ema.STAGES_DISPATCH, device, torch.float32,
+                                codebook_dtype=torch.float32):
+        if name != REFERENCE:
+            fns[name] = functools.partial(ops.ema_update_stages_, *columns, stats, decay=0.99,
+                                          backend=name)
+    return Case(op="rvq", shape=f"ema-stages-Q{q}xK{k}xD{d}", fns=fns,
+                bytes=q * (12 * k + k * d * 16))
 
 
 def _train_case(device, q, k, d, b, t) -> Case:
