@@ -49,8 +49,9 @@ def test_info_json(tmp_path):
 
 
 PUBLIC_OPS = ("timestep_embedding", "nearest_code", "vector_quantize", "nearest_code_with_stats",
-              "residual_nearest_code", "code_counts_and_sums", "ema_update_", "attention", "ddim_step",
-              "layer_norm_modulate", "gated_residual", "gated_residual_layer_norm_modulate")
+              "residual_nearest_code", "code_counts_and_sums", "ema_update_", "ema_update_stages_",
+              "attention", "ddim_step", "layer_norm_modulate", "gated_residual",
+              "gated_residual_layer_norm_modulate")
 
 
 def test_info_shows_every_public_op_and_its_gpu_status(tmp_path):
