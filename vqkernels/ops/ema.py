@@ -204,14 +204,19 @@ def ema_update_(
     """
     validate_update(cluster_size, embed_sum, codebook, z, indices, stats, decay, eps,
                     bias_correction, step)
+    _update((cluster_size, embed_sum, codebook), z, indices, stats, decay, eps, bias_correction,
+            step, deterministic, backend)
+
+
+def _update(state, z, indices, stats, decay, eps, bias_correction, step, deterministic, backend):
+    """``ema_update_`` of validated arguments."""
     if stats is None:
         device, dtype = z.device, z.dtype
         z, indices = z.contiguous(), indices.contiguous()
     else:
-        device, dtype = cluster_size.device, STATE_DTYPE
+        device, dtype = state[0].device, STATE_DTYPE
         stats = (stats[0].contiguous(), stats[1].contiguous())
-    run = DISPATCH.select(backend, device, dtype, codebook_dtype=codebook.dtype).run
-    state = (cluster_size, embed_sum, codebook)
+    run = DISPATCH.select(backend, device, dtype, codebook_dtype=state[2].dtype).run
     with torch.no_grad():
         dense = tuple(x.contiguous() for x in state)  # the kernels write contiguous buffers
         run(*dense, z, indices, stats, float(decay), float(eps),
@@ -222,10 +227,11 @@ def ema_update_(
 
 
 def _stage_by_stage(backend):
-    """The update of every stage as ``ema_update_`` of each on ``backend``."""
+    """The update of every (validated) stage as ``ema_update_`` of each on ``backend``."""
     def run(states, stats, options):
         for state, stage_stats in zip(states, stats):
-            ema_update_(*state, stats=stage_stats, backend=backend, **options)
+            _update(state, None, None, stage_stats, options["decay"], options["eps"],
+                    options["bias_correction"], options["step"], False, backend)
     return run
 
 
