@@ -276,11 +276,10 @@ def test_with_stats_sums_the_residual_each_stage_searched(backend, device, dtype
     z, books = separated_problem(generator, dtype, n=50)
     books.append(torch.randn(70, 4, generator=generator, dtype=torch.float64).to(dtype) / 10)
     z, books = z.to(device), [book.to(device) for book in books]
+    precision = "bf16" if dtype == torch.bfloat16 else "ieee"
     indices, quantized, counts, sums = ops.residual_nearest_code_with_stats(
-        z, books, precision="ieee" if dtype != torch.bfloat16 else "bf16",
-        deterministic=deterministic, backend=backend)
-    expected = ops.residual_nearest_code(z, books, precision="ieee" if dtype != torch.bfloat16
-                                         else "bf16", backend=backend)
+        z, books, precision=precision, deterministic=deterministic, backend=backend)
+    expected = ops.residual_nearest_code(z, books, precision=precision, backend=backend)
     assert torch.equal(indices, expected[0]) and torch.equal(quantized, expected[1])
     want_counts, want_sums = stage_statistics(z.cpu(), [b.cpu() for b in books], indices)
     assert [c.dtype for c in counts + sums] == [torch.float32] * 2 * len(books)

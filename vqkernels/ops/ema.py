@@ -283,7 +283,7 @@ def ema_update_stages_(
     returns None.
     """
     states = validate_stages(cluster_sizes, embed_sums, codebooks, stats, decay, eps,
-                              bias_correction, step)
+                             bias_correction, step)
     chosen = STAGES_DISPATCH.select(backend, states[0][0].device, STATE_DTYPE,
                                     codebook_dtype=states[0][2].dtype)
     chosen.run(states, list(stats), dict(decay=decay, eps=eps, bias_correction=bias_correction,
