@@ -208,7 +208,10 @@ def test_block_compiles_fullgraph_forward_and_backward(backend, compiler, genera
     compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend=compiler)(x, c),
                                    inputs)
     for want, got in zip(eager, compiled):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # Inductor reorders the fp32 sums: a small gradient element can be off by a few ulps
+        # of the largest ones it sums (up to ~250 here), so the slack scales with the tensor.
+        torch.testing.assert_close(got, want, rtol=1e-4,
+                                   atol=1e-5 + 4e-6 * want.abs().max().item())
 
 
 # --------------------------------------------------------------------------- validation
