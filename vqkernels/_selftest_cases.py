@@ -204,11 +204,16 @@ def ema_codebook_dtype(dtype):
     return dtype if dtype in ema.GPU_DTYPES else F32
 
 
+def _ema_state(k, generator, dtype) -> list[torch.Tensor]:
+    """A random EMA state of k codes: cluster_size, embed_sum (float32) and the codebook."""
+    cluster_size = torch.rand(k, generator=generator) + 0.5
+    return [cluster_size, _randn((k, D), generator, F32) * cluster_size[:, None],
+            _randn((k, D), generator, ema_codebook_dtype(dtype))]
+
+
 def check_ema_update(backend, device, dtype, generator) -> Errors:
     z, indices = _randn((N, D), generator, dtype), torch.randint(0, K, (N,), generator=generator)
-    cluster_size = torch.rand(K, generator=generator) + 0.5
-    state = [cluster_size, _randn((K, D), generator, F32) * cluster_size[:, None],
-             _randn((K, D), generator, ema_codebook_dtype(dtype))]
+    state = _ema_state(K, generator, dtype)
     options = dict(decay=0.9, eps=1e-5, bias_correction=True, step=3)
     ours = [x.clone().to(device) for x in state]
     ops.ema_update_(*ours, z.to(device), indices.to(device), backend=backend, **options)
@@ -224,10 +229,9 @@ def check_ema_update_stages(backend, device, dtype, generator) -> Errors:
     reference updates it alone, within the EMA contract."""
     states, stats = [], []
     for k in (K, K - 40):
-        z, indices = _randn((N, D), generator, dtype), torch.randint(0, k, (N,), generator=generator)
-        cluster_size = torch.rand(k, generator=generator) + 0.5
-        states.append([cluster_size, _randn((k, D), generator, F32) * cluster_size[:, None],
-                       _randn((k, D), generator, ema_codebook_dtype(dtype))])
+        z = _randn((N, D), generator, dtype)
+        indices = torch.randint(0, k, (N,), generator=generator)
+        states.append(_ema_state(k, generator, dtype))
         stats.append([x.float() for x in ref_ema.code_counts_and_sums(z.to(F64), indices, k)])
     options = dict(decay=0.9, eps=1e-5, bias_correction=True, step=3)
     ours = [[x.clone().to(device) for x in state] for state in states]

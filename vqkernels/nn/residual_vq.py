@@ -125,7 +125,8 @@ class ResidualVQ(nn.Module):
         given = self._search_all_stages(x, last, with_stats=self.training and not freeze_codebook)
         # The stages' EMA steps wait for the last stage: one update of every codebook (and
         # under torch.distributed one all-reduce of every stage's statistics) a step.
-        deferred = [] if self.training and (given or self._syncs_statistics()) else None
+        syncs = self._syncs_statistics()
+        deferred = [] if self.training and (given or syncs) else None
         try:
             for q, layer in enumerate(self.layers):
                 if q > last:
@@ -142,7 +143,7 @@ class ResidualVQ(nn.Module):
             for layer in self.layers:
                 layer._deferred, layer._given = None, None
         if deferred:
-            update_deferred_stages(deferred)
+            update_deferred_stages(deferred, all_reduce=syncs)
         all_indices = torch.stack(all_indices, dim=-1)
         out = (self.project_out(quantized_out), all_indices, torch.stack(losses))
         return out + (self.get_codes_from_indices(all_indices),) if return_all_codes else out
@@ -208,11 +209,11 @@ class ResidualVQ(nn.Module):
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
 
-def update_deferred_stages(deferred: list) -> None:
-    """The EMA steps the stages deferred: every stage's statistics (in one all-reduce when
-    they sync them), one ``ops.ema_update_stages_`` for the codebooks of the stages with an
-    EMA update (on CUDA one launch pair for all), then each stage's rest (the statistics'
-    moving average without one, dead-code restarts) in stage order.
+def update_deferred_stages(deferred: list, all_reduce: bool) -> None:
+    """The EMA steps the stages deferred: every stage's statistics (summed over the ranks in
+    one all-reduce with ``all_reduce``), one ``ops.ema_update_stages_`` for the codebooks of
+    the stages with an EMA update (on CUDA one launch pair for all), then each stage's rest
+    (the statistics' moving average without one, dead-code restarts) in stage order.
 
     A stage's update changes only its own codebook, which no later stage of the same step
     reads, so updating after every stage has searched gives what updating each in turn
@@ -221,16 +222,16 @@ def update_deferred_stages(deferred: list) -> None:
     """
     stats = [stage._local_stats(flat, ind) if stats is None else stats
              for stage, flat, ind, _, stats in deferred]
-    if any(stage.sync_codebook for stage, *_ in deferred):
+    if all_reduce:
         packed = torch.cat([torch.cat([counts[:, None], sums], dim=1) for counts, sums in stats])
         dist.all_reduce(packed)
         stats = [(part[:, 0], part[:, 1:]) for part in
                  packed.split([stage.codebook_size for stage, *_ in deferred])]
     together = [(stage, stage_stats) for (stage, *_, ema_update, _), stage_stats
                 in zip(deferred, stats) if ema_update]
-    if len({(stage.decay, stage.eps, stage.backend) for stage, _ in together}) != 1:
-        together = []  # stages of other options update one by one
-    if together:
+    # Stages of other options update one by one (ema_done below is then False).
+    grouped = len({(stage.decay, stage.eps, stage.backend) for stage, _ in together}) == 1
+    if grouped:
         books = [stage._codebook for stage, _ in together]
         first = together[0][0]
         ops.ema_update_stages_([book.cluster_size[0] for book in books],
@@ -238,9 +239,8 @@ def update_deferred_stages(deferred: list) -> None:
                                [book.embed[0] for book in books],
                                [stage_stats for _, stage_stats in together],
                                decay=first.decay, eps=first.eps, backend=first.backend)
-    done = {id(stage) for stage, _ in together}
     for (stage, flat, ind, ema_update, _), stage_stats in zip(deferred, stats):
-        stage._update(flat, ind, ema_update, stage_stats, ema_done=id(stage) in done)
+        stage._update(flat, ind, ema_update, stage_stats, ema_done=grouped)
 
 
 class ReferenceResidualVQ(ResidualVQ):
