@@ -9,10 +9,12 @@ Build knobs, all read here:
   CUDA_HOME              CUDA toolkit root; found from `nvcc` when unset.
   MAX_JOBS               parallel compile jobs (ninja).
 
-A built wheel or install is tied to the torch it compiled against (its C++ ABI
-holds only within a minor): the version carries a PEP 440 local label naming
-that torch and CUDA (0.1.0+torch2.14cu130, 0.1.0+torch2.14cpu) and the
-metadata pins torch to that minor (torch==2.14.*). An sdist has neither.
+The extension is built on torch's stable ABI (TORCH_TARGET_VERSION =
+vqkernels/_version.py's __torch_target__) and CPython's limited API, so one
+wheel serves every torch from that target on and every Python from 3.10 on
+(cp310-abi3). Its CUDA kernels still need the CUDA major they were built with:
+the version's PEP 440 local label names it (0.1.0+cu130, 0.1.0+cpu) and the
+metadata pins torch>=2.10. An sdist has no label.
 """
 import importlib.util
 import os
@@ -29,9 +31,16 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 BUILDING_SDIST = "sdist" in sys.argv  # setuptools.build_meta runs `setup.py sdist`
 
 
-def read_version():
+def read_version(name="__version__"):
     text = (ROOT / "vqkernels" / "_version.py").read_text()
-    return re.search(r'__version__ = "(.+)"', text).group(1)
+    return re.search(rf'{name} = "(.+)"', text).group(1)
+
+
+def torch_target_version(target):
+    """TORCH_TARGET_VERSION for "2.10": major and minor in the top two bytes, as torch's
+    headeronly/version.h packs its TORCH_VERSION_2_10_0."""
+    major, minor = (int(part) for part in target.split("."))
+    return f"0x{major:02x}{minor:02x}000000000000"
 
 
 def read_sources():
@@ -92,11 +101,10 @@ def write_build_config(out_dir, values):
     (out_dir / "build_config.h").write_text(template)
 
 
-def built_for(torch, build_cuda):
-    """(the PEP 440 local version label, the torch requirement) of a build against ``torch``."""
-    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    cuda = "cu" + torch.version.cuda.replace(".", "") if build_cuda else "cpu"
-    return f"torch{minor}{cuda}", f"torch=={minor}.*"
+def built_for(torch, build_cuda, target):
+    """(the PEP 440 local version label, the torch requirement) of a build against ``torch``
+    whose kernels load in every torch from ``target`` on."""
+    return "cu" + torch.version.cuda.replace(".", "") if build_cuda else "cpu", f"torch>={target}"
 
 
 def make_extension():
@@ -110,27 +118,32 @@ def make_extension():
     build_cuda, reason = cuda_build_decision(torch, cuda_home)
     print(f"vqkernels: CUDA kernels {'ON' if build_cuda else 'OFF (' + reason + ')'}")
     sources = read_sources()
+    target = read_version("__torch_target__")
     generated = ROOT / "build" / "generated"
     write_build_config(generated, {
         "VQKERNELS_VERSION": read_version(),
         "VQKERNELS_TORCH_VERSION": torch.__version__,
+        "VQKERNELS_TORCH_TARGET": target,
         "VQKERNELS_CUDA_VERSION": torch.version.cuda if build_cuda else "",
         "VQKERNELS_CUDA_ARCHS": os.environ["TORCH_CUDA_ARCH_LIST"] if build_cuda else "",
     })
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
+    # Hidden visibility: the stable ABI's classes are hidden, so that each extension keeps
+    # its own copy; nothing is exported but PyInit__C and the build markers.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden"]
     nvcc_flags = ["-O3", "-lineinfo"]  # no fast math: sin/cos of large arguments must stay exact
-    macros = []
+    macros = [("TORCH_TARGET_VERSION", torch_target_version(target))]
     if build_cuda:
-        macros.append(("VQKERNELS_WITH_CUDA", None))
+        macros += [("VQKERNELS_WITH_CUDA", None), ("USE_CUDA", None)]  # USE_CUDA: the CUDA shim
         cxx_flags += [f"-idirafter{d}" for d in nvidia_pip_include_dirs()]
     ext_cls = CUDAExtension if build_cuda else CppExtension
-    return built_for(torch, build_cuda), ext_cls(
+    return built_for(torch, build_cuda, target), ext_cls(
         name="vqkernels._C",
         sources=sources["cpu"] + (sources["cuda"] if build_cuda else []) + ["python_bindings/module.cpp"],
         include_dirs=[str(ROOT / "csrc"), str(generated)],
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"],
+        py_limited_api=True,
     )
 
 
@@ -141,14 +154,15 @@ def main():
     (label, torch_pin), extension = make_extension()  # first: it sets CUDA_HOME
     from torch.utils.cpp_extension import BuildExtension
 
-    if BUILDING_SDIST:  # the source builds against any supported torch
-        label, torch_pin = None, "torch>=2.11"
+    if BUILDING_SDIST:
+        label = None
     setup(
         version=read_version() + (f"+{label}" if label else ""),
         install_requires=[torch_pin, *DEPENDENCIES],
         packages=find_packages(include=["vqkernels", "vqkernels.*"]),
         ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )
 
 

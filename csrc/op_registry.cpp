@@ -1,12 +1,12 @@
 // The torch op schemas of vqkernels and their CPU / CUDA implementations.
 // Registered with the dispatcher, so the ops work from Python (torch.ops.vqkernels.*),
 // under torch.compile (fake kernels are registered in vqkernels/ops/), and from
-// LibTorch programs that link the CMake library.
-#include <torch/library.h>
+// LibTorch programs that link the CMake library. On torch's stable ABI: the kernels are
+// boxed by TORCH_BOX, and the registration goes through the C shim.
 
 #include "vqkernels.h"
 
-TORCH_LIBRARY(vqkernels, m) {
+STABLE_TORCH_LIBRARY(vqkernels, m) {
   m.def(
       "code_counts_and_sums(Tensor z, Tensor indices, int num_codes, bool deterministic) -> "
       "(Tensor counts, Tensor sums)");
@@ -54,36 +54,36 @@ TORCH_LIBRARY(vqkernels, m) {
       "(Tensor grad_gate, Tensor grad_y)");
 }
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
-  m.impl("code_counts_and_sums", &vqkernels::code_counts_and_sums_cpu);
-  m.impl("ddim_step", &vqkernels::ddim_step);
-  m.impl("ema_update", &vqkernels::ema_update_cpu);
-  m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cpu);
-  m.impl("timestep_embedding", &vqkernels::timestep_embedding_cpu);
-  m.impl("nearest_code", &vqkernels::nearest_code_cpu);
-  m.impl("residual_nearest_code", &vqkernels::residual_nearest_code_cpu);
-  m.impl("attention_forward", &vqkernels::attention_forward_cpu);
-  m.impl("attention_backward", &vqkernels::attention_backward_cpu);
-  m.impl("adaln_forward", &vqkernels::adaln_forward_cpu);
-  m.impl("adaln_backward", &vqkernels::adaln_backward_cpu);
-  m.impl("gated_residual_forward", &vqkernels::gated_residual_forward_cpu);
-  m.impl("gated_residual_backward", &vqkernels::gated_residual_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+  m.impl("code_counts_and_sums", TORCH_BOX(&vqkernels::code_counts_and_sums_cpu));
+  m.impl("ddim_step", TORCH_BOX(&vqkernels::ddim_step));
+  m.impl("ema_update", TORCH_BOX(&vqkernels::ema_update_cpu));
+  m.impl("ema_update_from_stats", TORCH_BOX(&vqkernels::ema_update_from_stats_cpu));
+  m.impl("timestep_embedding", TORCH_BOX(&vqkernels::timestep_embedding_cpu));
+  m.impl("nearest_code", TORCH_BOX(&vqkernels::nearest_code_cpu));
+  m.impl("residual_nearest_code", TORCH_BOX(&vqkernels::residual_nearest_code_cpu));
+  m.impl("attention_forward", TORCH_BOX(&vqkernels::attention_forward_cpu));
+  m.impl("attention_backward", TORCH_BOX(&vqkernels::attention_backward_cpu));
+  m.impl("adaln_forward", TORCH_BOX(&vqkernels::adaln_forward_cpu));
+  m.impl("adaln_backward", TORCH_BOX(&vqkernels::adaln_backward_cpu));
+  m.impl("gated_residual_forward", TORCH_BOX(&vqkernels::gated_residual_forward_cpu));
+  m.impl("gated_residual_backward", TORCH_BOX(&vqkernels::gated_residual_backward_cpu));
 }
 
 #ifdef VQKERNELS_WITH_CUDA
-TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
-  m.impl("code_counts_and_sums", &vqkernels::code_counts_and_sums_cuda);
-  m.impl("ddim_step", &vqkernels::ddim_step);
-  m.impl("ema_update", &vqkernels::ema_update_cuda);
-  m.impl("ema_update_from_stats", &vqkernels::ema_update_from_stats_cuda);
-  m.impl("ema_update_from_stats_stages", &vqkernels::ema_update_from_stats_stages_cuda);
-  m.impl("timestep_embedding", &vqkernels::timestep_embedding_cuda);
-  m.impl("nearest_code", &vqkernels::nearest_code_cuda);
-  m.impl("residual_nearest_code", &vqkernels::residual_nearest_code_cuda);
-  m.impl("attention_forward", &vqkernels::attention_forward_cuda);
-  m.impl("adaln_forward", &vqkernels::adaln_forward_cuda);
-  m.impl("adaln_backward", &vqkernels::adaln_backward_cuda);
-  m.impl("gated_residual_forward", &vqkernels::gated_residual_forward_cuda);
-  m.impl("gated_residual_backward", &vqkernels::gated_residual_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
+  m.impl("code_counts_and_sums", TORCH_BOX(&vqkernels::code_counts_and_sums_cuda));
+  m.impl("ddim_step", TORCH_BOX(&vqkernels::ddim_step));
+  m.impl("ema_update", TORCH_BOX(&vqkernels::ema_update_cuda));
+  m.impl("ema_update_from_stats", TORCH_BOX(&vqkernels::ema_update_from_stats_cuda));
+  m.impl("ema_update_from_stats_stages", TORCH_BOX(&vqkernels::ema_update_from_stats_stages_cuda));
+  m.impl("timestep_embedding", TORCH_BOX(&vqkernels::timestep_embedding_cuda));
+  m.impl("nearest_code", TORCH_BOX(&vqkernels::nearest_code_cuda));
+  m.impl("residual_nearest_code", TORCH_BOX(&vqkernels::residual_nearest_code_cuda));
+  m.impl("attention_forward", TORCH_BOX(&vqkernels::attention_forward_cuda));
+  m.impl("adaln_forward", TORCH_BOX(&vqkernels::adaln_forward_cuda));
+  m.impl("adaln_backward", TORCH_BOX(&vqkernels::adaln_backward_cuda));
+  m.impl("gated_residual_forward", TORCH_BOX(&vqkernels::gated_residual_forward_cuda));
+  m.impl("gated_residual_backward", TORCH_BOX(&vqkernels::gated_residual_backward_cuda));
 }
 #endif

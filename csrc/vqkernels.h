@@ -1,25 +1,26 @@
 #pragma once
-// The C++ API of vqkernels: what the Python bindings register as torch ops and
-// what LibTorch users of the CMake library call. Inputs are validated in
-// Python (vqkernels/ops/); these entry points only check what would otherwise
-// crash (device, dtype, contiguity).
-#include <ATen/core/Tensor.h>
-
+// The launchers of vqkernels, on torch's stable ABI (torch::stable::Tensor): what
+// csrc/op_registry.cpp registers as the torch ops vqkernels::*, which Python
+// (torch.ops.vqkernels) and LibTorch programs (c10::Dispatcher, with at::Tensor)
+// call. Inputs are validated in Python (vqkernels/ops/); these entry points only
+// check what would otherwise crash (device, dtype, contiguity).
+#include <cstdint>
 #include <optional>
 #include <string_view>
 #include <tuple>
 #include <vector>
 
+#include "common/stable.h"
+
 namespace vqkernels {
 
 // Sinusoidal timestep embedding (see vqkernels/reference/timestep.py).
-at::Tensor timestep_embedding_cpu(const at::Tensor& t, int64_t dim, double max_period,
-                                  bool flip_sin_to_cos, double downscale_freq_shift,
-                                  double scale, at::ScalarType dtype);
+Tensor timestep_embedding_cpu(const Tensor& t, int64_t dim, double max_period, bool flip_sin_to_cos,
+                              double downscale_freq_shift, double scale, ScalarType dtype);
 #ifdef VQKERNELS_WITH_CUDA
-at::Tensor timestep_embedding_cuda(const at::Tensor& t, int64_t dim, double max_period,
-                                   bool flip_sin_to_cos, double downscale_freq_shift,
-                                   double scale, at::ScalarType dtype);
+Tensor timestep_embedding_cuda(const Tensor& t, int64_t dim, double max_period,
+                               bool flip_sin_to_cos, double downscale_freq_shift, double scale,
+                               ScalarType dtype);
 #endif
 
 // Nearest-codebook search (see vqkernels/reference/search.py, metric "l2"):
@@ -28,24 +29,24 @@ at::Tensor timestep_embedding_cuda(const at::Tensor& t, int64_t dim, double max_
 // fp32. Ties go to the lowest index; csrc/common/search.h defines NaN / Inf
 // rows. precision ("ieee", "tf32", "bf16") is a floor: these kernels compute
 // in fp32 (fp64 on CPU for fp64 input) for every mode.
-std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook,
-                                                    const at::Tensor& codebook_sqnorm,
-                                                    std::string_view precision);
+std::tuple<Tensor, Tensor> nearest_code_cpu(const Tensor& z, const Tensor& codebook,
+                                            const Tensor& codebook_sqnorm,
+                                            std::string_view precision);
 // Residual search over Q codebooks (vqkernels/ops/residual.py): indices (N, Q)
 // int64 and the sum of the chosen codes (N, D) in z's dtype; codebook_sqnorms
 // one (K_q,) fp32 tensor a codebook.
-std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cpu(const at::Tensor& z,
-                                                             at::TensorList codebooks,
-                                                             at::TensorList codebook_sqnorms,
-                                                             std::string_view precision);
-#ifdef VQKERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
-                                                     const at::Tensor& codebook_sqnorm,
+std::tuple<Tensor, Tensor> residual_nearest_code_cpu(const Tensor& z,
+                                                     const std::vector<Tensor>& codebooks,
+                                                     const std::vector<Tensor>& codebook_sqnorms,
                                                      std::string_view precision);
-std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cuda(const at::Tensor& z,
-                                                              at::TensorList codebooks,
-                                                              at::TensorList codebook_sqnorms,
-                                                              std::string_view precision);
+#ifdef VQKERNELS_WITH_CUDA
+std::tuple<Tensor, Tensor> nearest_code_cuda(const Tensor& z, const Tensor& codebook,
+                                             const Tensor& codebook_sqnorm,
+                                             std::string_view precision);
+std::tuple<Tensor, Tensor> residual_nearest_code_cuda(const Tensor& z,
+                                                      const std::vector<Tensor>& codebooks,
+                                                      const std::vector<Tensor>& codebook_sqnorms,
+                                                      std::string_view precision);
 #endif
 
 // EMA codebook update (see vqkernels/reference/ema.py, math in csrc/common/ema.h).
@@ -57,27 +58,29 @@ std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cuda(const at::Tensor& 
 // fp32 and codebook (K, D); ema_update_from_stats: the same from given counts
 // (K,) and sums (K, D) fp32 (e.g. all-reduced across processes).
 #define VQK_CODE_COUNTS_AND_SUMS_ARGS \
-  const at::Tensor &z, const at::Tensor &indices, int64_t num_codes, bool deterministic
-#define VQK_EMA_UPDATE_ARGS                                                                   \
-  const at::Tensor &cluster_size, const at::Tensor &embed_sum, const at::Tensor &codebook,    \
-      const at::Tensor &z, const at::Tensor &indices, double decay, double eps,               \
-      bool bias_correction, int64_t step, bool deterministic
-#define VQK_EMA_UPDATE_FROM_STATS_ARGS                                                        \
-  const at::Tensor &cluster_size, const at::Tensor &embed_sum, const at::Tensor &codebook,    \
-      const at::Tensor &counts, const at::Tensor &sums, double decay, double eps,             \
-      bool bias_correction, int64_t step
-std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cpu(VQK_CODE_COUNTS_AND_SUMS_ARGS);
+  const Tensor &z, const Tensor &indices, int64_t num_codes, bool deterministic
+#define VQK_EMA_UPDATE_ARGS                                                                     \
+  const Tensor &cluster_size, const Tensor &embed_sum, const Tensor &codebook, const Tensor &z, \
+      const Tensor &indices, double decay, double eps, bool bias_correction, int64_t step,      \
+      bool deterministic
+#define VQK_EMA_UPDATE_FROM_STATS_ARGS                                                          \
+  const Tensor &cluster_size, const Tensor &embed_sum, const Tensor &codebook,                  \
+      const Tensor &counts, const Tensor &sums, double decay, double eps, bool bias_correction, \
+      int64_t step
+std::tuple<Tensor, Tensor> code_counts_and_sums_cpu(VQK_CODE_COUNTS_AND_SUMS_ARGS);
 void ema_update_cpu(VQK_EMA_UPDATE_ARGS);
 void ema_update_from_stats_cpu(VQK_EMA_UPDATE_FROM_STATS_ARGS);
 #ifdef VQKERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cuda(VQK_CODE_COUNTS_AND_SUMS_ARGS);
+std::tuple<Tensor, Tensor> code_counts_and_sums_cuda(VQK_CODE_COUNTS_AND_SUMS_ARGS);
 void ema_update_cuda(VQK_EMA_UPDATE_ARGS);
 void ema_update_from_stats_cuda(VQK_EMA_UPDATE_FROM_STATS_ARGS);
 // ema_update_from_stats of every stage of a residual quantizer (one tensor of each a
 // stage; stages may differ in K, not in D or the codebook dtype), in two launches.
-void ema_update_from_stats_stages_cuda(at::TensorList cluster_sizes, at::TensorList embed_sums,
-                                       at::TensorList codebooks, at::TensorList counts,
-                                       at::TensorList sums, double decay, double eps,
+void ema_update_from_stats_stages_cuda(const std::vector<Tensor>& cluster_sizes,
+                                       const std::vector<Tensor>& embed_sums,
+                                       const std::vector<Tensor>& codebooks,
+                                       const std::vector<Tensor>& counts,
+                                       const std::vector<Tensor>& sums, double decay, double eps,
                                        bool bias_correction, int64_t step);
 #endif
 
@@ -89,22 +92,21 @@ void ema_update_from_stats_stages_cuda(at::TensorList cluster_sizes, at::TensorL
 // or drawn from Philox keyed by noise_seed, a per-sample dynamic-thresholding
 // scale. Returns (prev_sample, pred_original_sample), each (B, M) in the
 // sample's dtype, or empty (0,) when not asked for (write_prev / write_x0).
-#define VQK_DDIM_STEP_ARGS                                                                    \
-  const at::Tensor &sample, const at::Tensor &cond, const std::optional<at::Tensor> &uncond,  \
-      const at::Tensor &timesteps, const at::Tensor &alphas_cumprod,                          \
-      const std::optional<at::Tensor> &variance_noise,                                        \
-      const std::optional<at::Tensor> &noise_seed, const std::optional<at::Tensor> &threshold, \
-      int64_t step_ratio, double final_alpha_cumprod, double eta,                             \
-      std::string_view prediction_type, bool clip_sample, double clip_sample_range,           \
-      bool use_clipped_model_output, double guidance_scale, int64_t guided_elems,             \
-      bool write_prev, bool write_x0
-std::tuple<at::Tensor, at::Tensor> ddim_step(VQK_DDIM_STEP_ARGS);
+#define VQK_DDIM_STEP_ARGS                                                                         \
+  const Tensor &sample, const Tensor &cond, const std::optional<Tensor>&uncond,                    \
+      const Tensor &timesteps, const Tensor &alphas_cumprod,                                       \
+      const std::optional<Tensor>&variance_noise, const std::optional<Tensor>&noise_seed,          \
+      const std::optional<Tensor>&threshold, int64_t step_ratio, double final_alpha_cumprod,       \
+      double eta, std::string_view prediction_type, bool clip_sample, double clip_sample_range,    \
+      bool use_clipped_model_output, double guidance_scale, int64_t guided_elems, bool write_prev, \
+      bool write_x0
+std::tuple<Tensor, Tensor> ddim_step(VQK_DDIM_STEP_ARGS);
 #ifdef VQKERNELS_WITH_CUDA
 namespace common {
 struct DdimStep;
 }
-// The CUDA launch of a step that ddim_step has checked (csrc/cuda/aten_ops.cpp).
-void ddim_step_cuda(const common::DdimStep& step, const at::Device& device);
+// The CUDA launch of a step that ddim_step has checked (csrc/cuda/launchers.cpp).
+void ddim_step_cuda(const common::DdimStep& step, const Device& device);
 #endif
 
 // Scaled dot-product attention, non-causal, no mask (see
@@ -117,14 +119,15 @@ void ddim_step_cuda(const common::DdimStep& step, const at::Device& device);
 // q, k, v, from grad_out (like q) and the forward's out and lse; P is
 // recomputed from lse. CPU: float32 / float64, math in that dtype,
 // deterministic; Sq = 0 gives empty grad_q and zero grad_k, grad_v.
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, double scale);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale);
+std::tuple<Tensor, Tensor> attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 double scale);
+std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& grad_out, const Tensor& q,
+                                                          const Tensor& k, const Tensor& v,
+                                                          const Tensor& out, const Tensor& lse,
+                                                          double scale);
 #ifdef VQKERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, double scale);
+std::tuple<Tensor, Tensor> attention_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  double scale);
 // The head dims attention_forward_cuda has a kernel for, ascending.
 std::vector<int64_t> attention_head_dims_cuda();
 #endif
@@ -145,29 +148,25 @@ std::vector<int64_t> attention_head_dims_cuda();
 // gated_residual_forward: x + gate * y. gated_residual_backward: from grad
 // (B, T, D): grad_gate = grad * y (summed over T when per sample) of gate's
 // shape, grad_y = gate * grad (B, T, D); grad_x is grad itself.
-#define VQK_ADALN_FORWARD_ARGS                                                          \
-  const at::Tensor &x, const at::Tensor &shift, const at::Tensor &scale,                \
-      const std::optional<at::Tensor> &gate, const std::optional<at::Tensor> &y, double eps
-#define VQK_ADALN_BACKWARD_ARGS                                                         \
-  const at::Tensor &grad_h, const std::optional<at::Tensor> &grad_x_new, const at::Tensor &x, \
-      const at::Tensor &scale, const at::Tensor &mean, const at::Tensor &rstd
-using AdalnForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using AdalnBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+#define VQK_ADALN_FORWARD_ARGS                                                                 \
+  const Tensor &x, const Tensor &shift, const Tensor &scale, const std::optional<Tensor>&gate, \
+      const std::optional<Tensor>&y, double eps
+#define VQK_ADALN_BACKWARD_ARGS                                                  \
+  const Tensor &grad_h, const std::optional<Tensor>&grad_x_new, const Tensor &x, \
+      const Tensor &scale, const Tensor &mean, const Tensor &rstd
+using AdalnForward = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using AdalnBackward = std::tuple<Tensor, Tensor, Tensor>;
 AdalnForward adaln_forward_cpu(VQK_ADALN_FORWARD_ARGS);
 AdalnBackward adaln_backward_cpu(VQK_ADALN_BACKWARD_ARGS);
-at::Tensor gated_residual_forward_cpu(const at::Tensor& x, const at::Tensor& gate,
-                                      const at::Tensor& y);
-std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor& grad,
-                                                               const at::Tensor& gate,
-                                                               const at::Tensor& y);
+Tensor gated_residual_forward_cpu(const Tensor& x, const Tensor& gate, const Tensor& y);
+std::tuple<Tensor, Tensor> gated_residual_backward_cpu(const Tensor& grad, const Tensor& gate,
+                                                       const Tensor& y);
 #ifdef VQKERNELS_WITH_CUDA
 AdalnForward adaln_forward_cuda(VQK_ADALN_FORWARD_ARGS);
 AdalnBackward adaln_backward_cuda(VQK_ADALN_BACKWARD_ARGS);
-at::Tensor gated_residual_forward_cuda(const at::Tensor& x, const at::Tensor& gate,
-                                       const at::Tensor& y);
-std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cuda(const at::Tensor& grad,
-                                                                const at::Tensor& gate,
-                                                                const at::Tensor& y);
+Tensor gated_residual_forward_cuda(const Tensor& x, const Tensor& gate, const Tensor& y);
+std::tuple<Tensor, Tensor> gated_residual_backward_cuda(const Tensor& grad, const Tensor& gate,
+                                                        const Tensor& y);
 #endif
 
 // Build facts, for vqkernels.info().

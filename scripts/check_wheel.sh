@@ -62,7 +62,7 @@ python -m build --sdist --no-isolation --outdir "$WORKDIR/sdist" "$ROOT" >/dev/n
 sdists=("$WORKDIR"/sdist/vqkernels-*.tar.gz)
 echo "${sdists[0]}"
 VQKERNELS_BUILD_CUDA=0 pip wheel -q --no-build-isolation --no-deps --wheel-dir "$WORKDIR/sdist-wheel" "${sdists[0]}"
-from_sdist=("$WORKDIR"/sdist-wheel/vqkernels-*+torch*cpu-*.whl)
+from_sdist=("$WORKDIR"/sdist-wheel/vqkernels-*+cpu-*.whl)
 "$WORKDIR/venv/bin/pip" install -q --force-reinstall --no-deps "${from_sdist[0]}"
 info=$(cd "$WORKDIR" && "${no_compilers[@]}" "$VENV_PYTHON" -P -m vqkernels info)
 echo "$info" | head -3

@@ -116,7 +116,8 @@ def format_info(data: dict) -> str:
     else:
         cuda = (f"CUDA kernels: yes (CUDA {ext['cuda_version']}, archs {ext['cuda_archs']})"
                 if ext["cuda"] else "CUDA kernels: no")
-        lines.append(f"extension vqkernels._C: built against torch {ext['torch_version']}; "
+        lines.append(f"extension vqkernels._C: built with torch {ext['torch_version']} for torch "
+                     f">= {ext['torch_target']} (stable ABI); "
                      f"C++ CPU kernels: yes (OpenMP: {'yes' if ext['openmp'] else 'no'}); {cuda}")
     if data["backend_env"]:
         lines.append(f"{ENV_VAR}={data['backend_env']}")

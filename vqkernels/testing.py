@@ -241,7 +241,7 @@ def adaln_magnitudes(x: torch.Tensor, shift: torch.Tensor | None = None,
     g = |dL/dv| bounded by its terms rstd (|gs| + mean |gs| + |xhat| mean |gs xhat|)
     + |dL/dx_new| (without shift and scale, the gated residual alone: |dL/dx_new|)::
 
-        h: |xhat| |1 + scale| + |shift|     x_new: |x| + |gate y|
+        h: (|v| + |mean|) rstd |1 + scale| + |shift|     x_new: |x| + |gate y|
         x: g     shift: sum_T |dL/dh|     scale: sum_T |dL/dh xhat|
         gate: sum_T g |y|     y: g |gate|
 
@@ -263,7 +263,10 @@ def adaln_magnitudes(x: torch.Tensor, shift: torch.Tensor | None = None,
     if scale is not None:
         mean, rstd = layer_norm_statistics(v, eps)
         xhat = (v - mean[..., None]) * rstd[..., None]
-        sizes["h"] = biggest(xhat.abs() * (1 + per_token(scale)).abs() + per_token(shift).abs())
+        # v rstd and mean rstd are the terms that cancel into xhat: a row of nearly equal
+        # values (large mean, tiny spread) rounds at their size, not at |xhat|'s.
+        spread = (v.abs() + mean[..., None].abs()) * rstd[..., None]
+        sizes["h"] = biggest(spread * (1 + per_token(scale)).abs() + per_token(shift).abs())
         if grad_h is not None:
             gs = (grad_h * (1 + per_token(scale))).abs()
             g = rstd[..., None] * (gs + gs.mean(-1, keepdim=True)

@@ -1,11 +1,11 @@
 #pragma once
 // Instruction-set copies of the C++ CPU kernels' hot loops (CPU only). A loop
 // is defined once as a VQK_ALWAYS_INLINE template and wrapped in one function
-// per target below; VQK_PICK_ISA picks the copy for torch's CPU capability
-// (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY can lower), so one
-// build runs the widest vectors the machine has and still runs anywhere.
-#include <ATen/Version.h>
-
+// per target below; VQK_PICK_ISA picks the copy for the CPU capability, read as
+// torch reads it (the widest the processor has, lowered by ATEN_CPU_CAPABILITY),
+// so one build runs the widest vectors the machine has and still runs anywhere.
+#include <cctype>
+#include <cstdlib>
 #include <string>
 
 #if !defined(__GNUC__) && !defined(__clang__)
@@ -25,9 +25,27 @@
 
 namespace vqkernels::common {
 
-// "AVX512", "AVX2" or "DEFAULT" (torch's names), read once.
+// "AVX512", "AVX2" or "DEFAULT", torch's names and rule (at::get_cpu_capability, which
+// the stable ABI does not carry): AVX512 needs AVX-512 F, VL, BW and DQ, AVX2 needs AVX2
+// and FMA, and ATEN_CPU_CAPABILITY=avx2 / default lowers the choice. Read once.
 inline const std::string& cpu_capability() {
-  static const std::string capability = at::get_cpu_capability();
+  static const std::string capability = [] {
+    std::string widest = "DEFAULT";
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      widest = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
+                   ? "AVX512"
+                   : "AVX2";
+    }
+#endif
+    const char* variable = std::getenv("ATEN_CPU_CAPABILITY");
+    std::string asked = variable ? variable : "";
+    for (char& c : asked) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    if (asked == "DEFAULT" || (asked == "AVX2" && widest == "AVX512")) return asked;
+    return widest;
+  }();
   return capability;
 }
 

@@ -1,5 +1,5 @@
 #pragma once
-// Element types crossing the boundary between the ATen-facing launchers and the
+// Element types crossing the boundary between the tensor-facing launchers and the
 // raw-pointer CUDA kernels, which include no torch headers.
 
 namespace vqkernels {

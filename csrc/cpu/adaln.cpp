@@ -11,10 +11,6 @@
 // Per-sample parameter grads: each task (b, chunk of kTokensPerChunk tokens)
 // sums into its own row, and the rows are added in chunk order, so the bits
 // never depend on the thread count.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -56,8 +52,8 @@ struct TokenRows {
 };
 
 template <typename T>
-TokenRows<T> rows_of(const at::Tensor* t) {
-  return t ? TokenRows<T>{t->const_data_ptr<T>(), row_strides(*t)} : TokenRows<T>{};
+TokenRows<T> rows_of(const Tensor* t) {
+  return t ? TokenRows<T>{cdata<T>(*t), row_strides(*t)} : TokenRows<T>{};
 }
 
 // A row of T read as A: the row itself when T is A, else converted into buf,
@@ -226,13 +222,13 @@ void run_forward(const ForwardArgs<T>& a, int64_t rows) {
   const auto kernel = VQK_PICK_ISA(common::cpu_isa(), VQK_FORWARD);
 #undef VQK_FORWARD
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(a.dim, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { kernel(a, r0, r1); });
 }
 
 // out[b] = the sum of sample b's chunk partials, in chunk order, for each param grad.
 template <typename T, int kGrads>
 void reduce_partials(const BackwardArgs<T>& a, int64_t batch) {
-  at::parallel_for(0, batch * kGrads, 1, [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, batch * kGrads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<Acc<T>> sum(a.dim);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / kGrads, k = i % kGrads;
@@ -256,31 +252,28 @@ void run_backward(BackwardArgs<T> a, const AdalnSizes& s) {
 #define VQK_BACKWARD(NAME) &backward_tasks_##NAME<T, kGrads>
   const auto kernel = VQK_PICK_ISA(common::cpu_isa(), VQK_BACKWARD);
 #undef VQK_BACKWARD
-  at::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) { kernel(a, k0, k1); });
+  torch::stable::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) { kernel(a, k0, k1); });
   if (!a.per_token) reduce_partials<T, kGrads>(a, s.batch);
 }
 
-at::Tensor empty_rows(const AdalnSizes& s, const at::Tensor& like) {
-  return at::empty({s.batch, s.tokens, s.dim}, like.options());
+Tensor empty_rows(const AdalnSizes& s, const Tensor& like) {
+  return new_empty(like, {s.batch, s.tokens, s.dim});
 }
 
 // Forward of both ops; normalize: adaln (h, mean and rstd), else x_new only.
-AdalnForward forward(const AdalnSizes& s, const at::Tensor& x, const at::Tensor* gate,
-                     const at::Tensor* y, const at::Tensor* shift, const at::Tensor* scale,
-                     double eps) {
+AdalnForward forward(const AdalnSizes& s, const Tensor& x, const Tensor* gate, const Tensor* y,
+                     const Tensor* shift, const Tensor* scale, double eps) {
   const bool normalize = shift != nullptr;
-  const at::Tensor h = normalize ? empty_rows(s, x) : at::empty({0}, x.options());
-  const at::Tensor x_new = gate ? empty_rows(s, x) : at::empty({0}, x.options());
-  const auto stat_options = x.options().dtype(adaln_stat_dtype(x));
-  const at::Tensor mean = at::empty({normalize ? s.batch : 0, s.tokens}, stat_options);
-  const at::Tensor rstd = at::empty({normalize ? s.batch : 0, s.tokens}, stat_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adaln_forward", [&] {
+  const Tensor h = normalize ? empty_rows(s, x) : new_empty(x, {0});
+  const Tensor x_new = gate ? empty_rows(s, x) : new_empty(x, {0});
+  const ScalarType stat_dtype = adaln_stat_dtype(x);
+  const Tensor mean = new_empty(x, {normalize ? s.batch : 0, s.tokens}, stat_dtype);
+  const Tensor rstd = new_empty(x, {normalize ? s.batch : 0, s.tokens}, stat_dtype);
+  VQK_DISPATCH_FLOATING(x.scalar_type(), "adaln_forward", [&] {
     using T = scalar_t;
     const ForwardArgs<T> a{rows_of<T>(&x), rows_of<T>(gate), rows_of<T>(y), rows_of<T>(shift),
-                           rows_of<T>(scale), h.mutable_data_ptr<T>(),
-                           x_new.mutable_data_ptr<T>(), mean.mutable_data_ptr<Acc<T>>(),
-                           rstd.mutable_data_ptr<Acc<T>>(), s.tokens, s.dim,
-                           static_cast<Acc<T>>(eps)};
+                           rows_of<T>(scale), data<T>(h), data<T>(x_new), data<Acc<T>>(mean),
+                           data<Acc<T>>(rstd), s.tokens, s.dim, static_cast<Acc<T>>(eps)};
     run_forward(a, s.batch * s.tokens);
   });
   return {h, x_new, mean, rstd};
@@ -289,46 +282,44 @@ AdalnForward forward(const AdalnSizes& s, const at::Tensor& x, const at::Tensor*
 }  // namespace
 
 AdalnForward adaln_forward_cpu(VQK_ADALN_FORWARD_ARGS) {
-  const AdalnSizes s = check_adaln_forward_args(x, shift, scale, gate, y, at::kCPU);
+  const AdalnSizes s = check_adaln_forward_args(x, shift, scale, gate, y, DeviceType::CPU);
   return forward(s, x, given(gate), given(y), &shift, &scale, eps);
 }
 
-at::Tensor gated_residual_forward_cpu(const at::Tensor& x, const at::Tensor& gate,
-                                      const at::Tensor& y) {
-  const AdalnSizes s = check_gated_residual_args({&x, "x"}, gate, y, at::kCPU);
+Tensor gated_residual_forward_cpu(const Tensor& x, const Tensor& gate, const Tensor& y) {
+  const AdalnSizes s = check_gated_residual_args({&x, "x"}, gate, y, DeviceType::CPU);
   return std::get<1>(forward(s, x, &gate, &y, nullptr, nullptr, 0.0));
 }
 
 AdalnBackward adaln_backward_cpu(VQK_ADALN_BACKWARD_ARGS) {
   const AdalnSizes s =
-      check_adaln_backward_args(grad_h, grad_x_new, x, scale, mean, rstd, at::kCPU);
-  const at::Tensor grad_x = empty_rows(s, x);
-  const at::Tensor grad_shift = at::empty(scale.sizes(), scale.options());
-  const at::Tensor grad_scale = at::empty(scale.sizes(), scale.options());
-  const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adaln_backward", [&] {
+      check_adaln_backward_args(grad_h, grad_x_new, x, scale, mean, rstd, DeviceType::CPU);
+  const Tensor grad_x = empty_rows(s, x);
+  const Tensor grad_shift = new_empty(scale, scale.sizes());
+  const Tensor grad_scale = new_empty(scale, scale.sizes());
+  const Tensor mean_c = contiguous(mean), rstd_c = contiguous(rstd);
+  VQK_DISPATCH_FLOATING(x.scalar_type(), "adaln_backward", [&] {
     using T = scalar_t;
     run_backward<T, 2>({rows_of<T>(&grad_h), rows_of<T>(&x), rows_of<T>(&scale),
-                        rows_of<T>(given(grad_x_new)), mean_c.const_data_ptr<Acc<T>>(),
-                        rstd_c.const_data_ptr<Acc<T>>(), grad_x.mutable_data_ptr<T>(),
-                        {grad_shift.mutable_data_ptr<T>(), grad_scale.mutable_data_ptr<T>()},
-                        nullptr, s.tokens, s.dim, 0, s.per_token},
+                        rows_of<T>(given(grad_x_new)), cdata<Acc<T>>(mean_c),
+                        cdata<Acc<T>>(rstd_c), data<T>(grad_x),
+                        {data<T>(grad_shift), data<T>(grad_scale)}, nullptr, s.tokens, s.dim, 0,
+                        s.per_token},
                        s);
   });
   return {grad_x, grad_shift, grad_scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor& grad,
-                                                               const at::Tensor& gate,
-                                                               const at::Tensor& y) {
-  const AdalnSizes s = check_gated_residual_args({&grad, "grad"}, gate, y, at::kCPU);
-  const at::Tensor grad_y = empty_rows(s, grad);
-  const at::Tensor grad_gate = at::empty(gate.sizes(), gate.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "gated_residual_backward", [&] {
+std::tuple<Tensor, Tensor> gated_residual_backward_cpu(const Tensor& grad, const Tensor& gate,
+                                                       const Tensor& y) {
+  const AdalnSizes s = check_gated_residual_args({&grad, "grad"}, gate, y, DeviceType::CPU);
+  const Tensor grad_y = empty_rows(s, grad);
+  const Tensor grad_gate = new_empty(gate, gate.sizes());
+  VQK_DISPATCH_FLOATING(grad.scalar_type(), "gated_residual_backward", [&] {
     using T = scalar_t;
     run_backward<T, 1>({rows_of<T>(&grad), rows_of<T>(&y), rows_of<T>(&gate), {}, nullptr, nullptr,
-                        grad_y.mutable_data_ptr<T>(), {grad_gate.mutable_data_ptr<T>(), nullptr},
-                        nullptr, s.tokens, s.dim, 0, s.per_token},
+                        data<T>(grad_y), {data<T>(grad_gate), nullptr}, nullptr, s.tokens, s.dim,
+                        0, s.per_token},
                        s);
   });
   return {grad_gate, grad_y};

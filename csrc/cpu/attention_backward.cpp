@@ -10,10 +10,6 @@
 // per key, a column per query). Every output element comes from the same
 // GEMMs in the same order on every run: deterministic for a given thread
 // count. Math in the input dtype (fp32 or fp64).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-
 #include <algorithm>
 #include <cstdint>
 
@@ -115,7 +111,7 @@ struct Grads {
 template <typename T>
 void row_dots(const AttentionProblem<T>& p, T (*dot)(const T*, const T*, int64_t), Rows<T> dout,
               Rows<T> out, int64_t units, T* delta) {
-  at::parallel_for(0, units * p.sq, 1024, [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, units * p.sq, 1024, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t bh = r / p.sq, b = bh / p.heads, h = bh % p.heads, i = r % p.sq;
       delta[r] = dot(dout.at(b, h, i), out.at(b, h, i), p.dim);
@@ -127,11 +123,11 @@ void row_dots(const AttentionProblem<T>& p, T (*dot)(const T*, const T*, int64_t
 template <typename T>
 struct GradTiles {
   int64_t ld;
-  at::Tensor buffer;
+  Tensor buffer;
   T *p, *ds;
   GradTiles(int64_t keys, int64_t queries)
-      : ld(tile_ld<T>(queries)), buffer(scratch<T>(2 * keys * ld)),
-        p(buffer.mutable_data_ptr<T>()), ds(p + keys * ld) {}
+      : ld(tile_ld<T>(queries)), buffer(scratch<T>(2 * keys * ld)), p(data<T>(buffer)),
+        ds(p + keys * ld) {}
 };
 
 // The tile of query rows [i0, i0 + qrows) x key rows [j0, j0 + krows) of head
@@ -189,7 +185,7 @@ void backward_pass(const AttentionProblem<T>& p, const Grads<T>& g, int64_t unit
 
 template <typename T>
 void backward(const AttentionProblem<T>& p, const Grads<T>& g, int64_t units) {
-  const int64_t threads = at::get_num_threads(), rounds = ceil_div(units, threads);
+  const int64_t threads = torch::stable::get_num_threads(), rounds = ceil_div(units, threads);
   // Tasks (b, h): for each key block, every query block's tile adds to dk_j,
   // dv_j and dq_i (5 GEMMs a tile); unless the idle threads (few heads) cost
   // more than the two race-free passes, which recompute the tiles (7 GEMMs).
@@ -211,29 +207,31 @@ void backward(const AttentionProblem<T>& p, const Grads<T>& g, int64_t units) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale) {
-  VQK_CHECK_DEVICE(q, at::kCPU);
+std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(const Tensor& grad_out, const Tensor& q,
+                                                          const Tensor& k, const Tensor& v,
+                                                          const Tensor& out, const Tensor& lse,
+                                                          double scale) {
+  VQK_CHECK_DEVICE(q, DeviceType::CPU);
   check_attention_backward_args(grad_out, q, k, v, out, lse);
   check_attention_cpu_dtype(q);
   const int64_t units = q.size(0) * q.size(1), sq = q.size(2);
-  at::Tensor grad_q = at::empty(q.sizes(), q.options());
-  at::Tensor grad_k = at::empty(k.sizes(), k.options());
-  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  Tensor grad_q = new_empty(q, q.sizes());
+  Tensor grad_k = new_empty(k, k.sizes());
+  Tensor grad_v = new_empty(v, v.sizes());
   if (units * k.size(2) == 0) return {grad_q, grad_k, grad_v};
-  if (sq == 0) return {grad_q, grad_k.zero_(), grad_v.zero_()};  // no query: no gradient
-  const at::Tensor lse_c = lse.contiguous();
-  at::Tensor delta = at::empty({units * sq}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward", [&] {
+  if (sq == 0) {  // no query: no gradient
+    return {grad_q, torch::stable::zero_(grad_k), torch::stable::zero_(grad_v)};
+  }
+  const Tensor lse_c = contiguous(lse);
+  Tensor delta = new_empty(q, {units * sq});
+  VQK_DISPATCH_FLOAT_DOUBLE(q.scalar_type(), "attention_backward", [&] {
     using T = scalar_t;
     const AttentionProblem<T> p = attention_problem<T>(q, k, v, scale);
     const GradKernels<T> kernels = select_grad_kernels<T>();
     const Rows<T> dout = rows_of<T>(grad_out);
-    row_dots(p, kernels.dot, dout, rows_of<T>(out), units, delta.mutable_data_ptr<T>());
-    const Grads<T> g{dout, lse_c.const_data_ptr<T>(), delta.const_data_ptr<T>(),
-                     grad_q.mutable_data_ptr<T>(), grad_k.mutable_data_ptr<T>(),
-                     grad_v.mutable_data_ptr<T>(), kernels};
+    row_dots(p, kernels.dot, dout, rows_of<T>(out), units, data<T>(delta));
+    const Grads<T> g{dout, cdata<T>(lse_c), cdata<T>(delta), data<T>(grad_q), data<T>(grad_k),
+                     data<T>(grad_v), kernels};
     backward(p, g, units);
   });
   return {grad_q, grad_k, grad_v};

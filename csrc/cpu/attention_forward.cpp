@@ -11,10 +11,6 @@
 // products are BLAS GEMMs (csrc/cpu/blas_tiles.h); the elementwise passes
 // stream whole tile rows, vectorized along the queries. Math in the input
 // dtype (fp32 or fp64); the same GEMMs in the same order on every run.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -144,8 +140,8 @@ void forward(const AttentionProblem<T>& p, int64_t units, T* out, T* lse) {
   share_tasks(units * nqb, [&](const auto& next) {
     // Transposed tiles: scores (keys x queries), output (d x queries); then
     // each query's running max and sum, and the softmax's scratch.
-    const at::Tensor buffer = scratch<T>((kb + p.dim) * ld + 5 * qb);
-    T* s = buffer.mutable_data_ptr<T>();
+    const Tensor buffer = scratch<T>((kb + p.dim) * ld + 5 * qb);
+    T* s = data<T>(buffer);
     T* o = s + kb * ld;
     T* m = o + p.dim * ld;
     T* l = m + qb;
@@ -172,18 +168,18 @@ void forward(const AttentionProblem<T>& p, int64_t units, T* out, T* lse) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, double scale) {
-  VQK_CHECK_DEVICE(q, at::kCPU);
+std::tuple<Tensor, Tensor> attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 double scale) {
+  VQK_CHECK_DEVICE(q, DeviceType::CPU);
   check_attention_args(q, k, v);
   check_attention_cpu_dtype(q);
   const int64_t units = q.size(0) * q.size(1);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  Tensor out = new_empty(q, q.sizes());
+  Tensor lse = new_empty(q, {q.size(0), q.size(1), q.size(2)});
   if (units * q.size(2) == 0) return {out, lse};
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_forward", [&] {
-    forward(attention_problem<scalar_t>(q, k, v, scale), units, out.mutable_data_ptr<scalar_t>(),
-            lse.mutable_data_ptr<scalar_t>());
+  VQK_DISPATCH_FLOAT_DOUBLE(q.scalar_type(), "attention_forward", [&] {
+    forward(attention_problem<scalar_t>(q, k, v, scale), units, data<scalar_t>(out),
+            data<scalar_t>(lse));
   });
   return {out, lse};
 }

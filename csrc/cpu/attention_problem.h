@@ -1,11 +1,10 @@
 #pragma once
 // What the C++ CPU attention forward (attention_forward.cpp) and backward
 // (attention_backward.cpp) share: the problem, q, k, v read in place through
-// their strides, and the smallest tile.
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-
+// their strides and the smallest tile.
 #include <cstdint>
+
+#include "common/stable.h"
 
 namespace vqkernels::cpu {
 
@@ -21,8 +20,8 @@ struct Rows {
 };
 
 template <typename T>
-Rows<T> rows_of(const at::Tensor& x) {
-  return {static_cast<T*>(const_cast<void*>(x.const_data_ptr())), x.stride(0), x.stride(1),
+Rows<T> rows_of(const Tensor& x) {
+  return {const_cast<T*>(cdata<T>(x)), x.stride(0), x.stride(1),
           x.size(2) <= 1 ? x.size(3) : x.stride(2)};
 }
 
@@ -34,15 +33,15 @@ struct AttentionProblem {
 };
 
 template <typename T>
-AttentionProblem<T> attention_problem(const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, double scale) {
+AttentionProblem<T> attention_problem(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      double scale) {
   return {rows_of<T>(q), rows_of<T>(k), rows_of<T>(v), q.size(1), q.size(2), k.size(2), q.size(3),
           static_cast<T>(scale)};
 }
 
-inline void check_attention_cpu_dtype(const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "the CPU attention kernels take float32 or float64, got ", q.scalar_type());
+inline void check_attention_cpu_dtype(const Tensor& q) {
+  VQK_CHECK(q.scalar_type() == ScalarType::Float || q.scalar_type() == ScalarType::Double,
+            "the CPU attention kernels take float32 or float64, got ", q.scalar_type());
 }
 
 }  // namespace vqkernels::cpu

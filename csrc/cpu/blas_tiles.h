@@ -6,15 +6,15 @@
 // BLAS is the Fortran sgemm_ / dgemm_ of the BLAS torch links, since torch does
 // not export at::native::cpublas::gemm to extensions. Where the symbol is
 // missing or a stride does not suit BLAS (e.g. an expanded input with row
-// stride 0), a tile goes through at::addmm_ instead.
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-
+// stride 0), a tile goes through aten::mm instead, alpha and beta applied here:
+// the stable ABI cannot pass addmm_'s Scalar arguments.
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstdint>
 #include <type_traits>
 
+#include "common/stable.h"
 #include "cpu/parallel.h"
 
 // Weak: resolved from the BLAS that libtorch_cpu carries, null where it has none.
@@ -39,12 +39,22 @@ BlasGemm<T> blas_gemm() {
   else return &dgemm_;
 }
 
-// A column-major (rows x cols) operand as a tensor (no copy): `t` reads it transposed.
+// A column-major (rows x cols) operand as a CPU tensor (no copy): `t` reads it transposed.
 template <typename T>
-at::Tensor as_tensor(const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  return t ? at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, options)
-           : at::from_blob(const_cast<T*>(p), {rows, cols}, {1, ld}, options);
+Tensor as_tensor(const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+  constexpr ScalarType dtype = torch::headeronly::CppTypeToScalarType<T>::value;
+  void* ptr = const_cast<T*>(p);
+  return t ? torch::stable::from_blob(ptr, {cols, rows}, {ld, 1}, DeviceType::CPU, dtype)
+           : torch::stable::from_blob(ptr, {rows, cols}, {1, ld}, DeviceType::CPU, dtype);
+}
+
+// Per-thread scratch of n elements, 64-byte aligned by torch's allocator: a
+// BLAS may pick its code path, and with it the rounding, by alignment, so
+// aligned scratch keeps results the same from run to run.
+template <typename T>
+Tensor scratch(int64_t n) {
+  return torch::stable::empty({n}, torch::headeronly::CppTypeToScalarType<T>::value,
+                              std::nullopt, DeviceType::CPU);
 }
 
 // Column-major C (m x n) = alpha op(A) op(B) + beta C, as BLAS: op transposes
@@ -69,9 +79,18 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
     blas(&tra, &trb, &mi, &ni, &ki, &alpha, a, &lda_i, b, &ldb_i, &beta, c, &ldc_i);
     return;
   }
-  at::Tensor out = as_tensor(c, m, n, ldc, false);
-  out.addmm_(as_tensor(a, a_rows, a_cols, lda, ta), as_tensor(b, b_rows, b_cols, ldb, tb), beta,
-             alpha);
+  // AB = op(A) op(B) into column-major scratch (C's layout, so torch's GEMM
+  // takes the operands as addmm_ on C did), then C = alpha AB + beta C, C
+  // unread when beta is 0 (as BLAS).
+  const Tensor buffer = scratch<T>(m * n);
+  T* ab = data<T>(buffer);
+  mm_out(as_tensor(ab, m, n, m, false), as_tensor(a, a_rows, a_cols, lda, ta),
+         as_tensor(b, b_rows, b_cols, ldb, tb));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < m; ++i) {
+      T& cij = c[j * ldc + i];
+      cij = beta == T(0) ? alpha * ab[j * m + i] : alpha * ab[j * m + i] + beta * cij;
+    }
 }
 
 // The leading dimension of a tile of n columns: whole cache lines, and not a
@@ -81,14 +100,6 @@ int64_t tile_ld(int64_t n) {
   constexpr int64_t kLine = 64 / sizeof(T);
   const int64_t ld = round_up(n, kLine);
   return ld * static_cast<int64_t>(sizeof(T)) % 512 == 0 ? ld + kLine : ld;
-}
-
-// Per-thread scratch of n elements, 64-byte aligned by torch's allocator: a
-// BLAS may pick its code path, and with it the rounding, by alignment, so
-// aligned scratch keeps results the same from run to run.
-template <typename T>
-at::Tensor scratch(int64_t n) {
-  return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
 }  // namespace vqkernels::cpu

@@ -1,7 +1,7 @@
 // The fused DDIM step op (vqkernels::ddim_step) and its C++ CPU kernel. The
 // op checks its arguments once and turns them into one common::DdimStep
 // record, which this file's CPU kernel or the CUDA launcher
-// (csrc/cuda/aten_ops.cpp) runs. Math in csrc/common/ddim.h, spec in
+// (csrc/cuda/launchers.cpp) runs. Math in csrc/common/ddim.h, spec in
 // vqkernels/reference/ddim.py::ddim_step.
 //
 // Per element of sample b, index j < M:
@@ -10,11 +10,6 @@
 //   prev  = sqrt(a_prev) * x0 + sqrt(1 - a_prev - std^2) * eps + std * noise
 // with noise given or drawn from csrc/common/philox.h at counter b * M + j,
 // in (sample, chunk) tiles run in parallel; one read and write per element.
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <memory>
 #include <string>
@@ -166,9 +161,9 @@ void dispatch_floating(DType dtype, F&& f) {
   switch (dtype) {
     case DType::Float32: return f(float{});
     case DType::Float64: return f(double{});
-    case DType::Float16: return f(at::Half{});
-    case DType::BFloat16: return f(at::BFloat16{});
-    default: TORCH_CHECK(false, "ddim_step takes floating sample and model outputs");
+    case DType::Float16: return f(Half{});
+    case DType::BFloat16: return f(BFloat16{});
+    default: VQK_CHECK(false, "ddim_step takes floating sample and model outputs");
   }
 }
 
@@ -179,7 +174,7 @@ void ddim_step_cpu(const common::DdimStep& step) {
     using S = decltype(s_tag);
     dispatch_floating(step.output_dtype, [&](auto o_tag) {
       using O = decltype(o_tag);
-      at::parallel_for(0, b * chunks, kMinTilesPerTask, [&](int64_t begin, int64_t end) {
+      torch::stable::parallel_for(0, b * chunks, kMinTilesPerTask, [&](int64_t begin, int64_t end) {
         auto buf = std::make_unique<TileBuffers>();
         for (int64_t tile = begin; tile < end; ++tile) {
           const int64_t row = tile / chunks, start = (tile % chunks) * kChunk;
@@ -194,64 +189,83 @@ void ddim_step_cpu(const common::DdimStep& step) {
 // --- the op's checks: what would crash a kernel (the rest is validated in
 // vqkernels/ops/ddim.py) ------------------------------------------------------
 
-void check_same_device(const at::Tensor& x, const at::Tensor& sample, const char* name) {
-  TORCH_CHECK(x.device() == sample.device(), name, " must be on the sample's device ",
-              sample.device(), ", got ", x.device());
+// torch's Tensor.is_floating_point(): float64, float32 and the reduced floating types.
+bool is_floating_point(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case ScalarType::Double:
+    case ScalarType::Float:
+    case ScalarType::Half:
+    case ScalarType::BFloat16:
+    case ScalarType::Float8_e5m2:
+    case ScalarType::Float8_e5m2fnuz:
+    case ScalarType::Float8_e4m3fn:
+    case ScalarType::Float8_e4m3fnuz:
+    case ScalarType::Float8_e8m0fnu:
+    case ScalarType::Float4_e2m1fn_x2: return true;
+    default: return false;
+  }
+}
+
+void check_same_device(const Tensor& x, const Tensor& sample, const char* name) {
+  VQK_CHECK(x.device() == sample.device(), name, " must be on the sample's device ",
+            sample.device(), ", got ", x.device());
 }
 
 // sample (B, M) contiguous; cond and uncond (B, >= M) with unit column stride
 // and one floating dtype; timesteps (B,) int64; alphas_cumprod (T,) float32.
-void check_step_inputs(const at::Tensor& sample, const at::Tensor& cond,
-                       const std::optional<at::Tensor>& uncond, const at::Tensor& timesteps,
-                       const at::Tensor& alphas_cumprod) {
-  TORCH_CHECK(sample.dim() == 2 && sample.is_contiguous() && sample.is_floating_point(),
-              "sample must be a contiguous floating (B, M) tensor");
+void check_step_inputs(const Tensor& sample, const Tensor& cond,
+                       const std::optional<Tensor>& uncond, const Tensor& timesteps,
+                       const Tensor& alphas_cumprod) {
+  VQK_CHECK(sample.dim() == 2 && sample.is_contiguous() && is_floating_point(sample),
+            "sample must be a contiguous floating (B, M) tensor");
   const int64_t b = sample.size(0), m = sample.size(1);
-  TORCH_CHECK(b * std::max<int64_t>(m, 1) < (int64_t{1} << 31),
-              "sample must have fewer than 2^31 elements (the noise counter is 32-bit)");
-  const auto check_output = [&](const at::Tensor& x, const char* name) {
+  VQK_CHECK(b * std::max<int64_t>(m, 1) < (int64_t{1} << 31),
+            "sample must have fewer than 2^31 elements (the noise counter is 32-bit)");
+  const auto check_output = [&](const Tensor& x, const char* name) {
     check_same_device(x, sample, name);
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == b && x.size(1) >= m && x.is_floating_point() &&
-                    (x.size(1) <= 1 || x.stride(1) == 1),
-                name, " must be a floating (B, >= M) tensor with unit column stride");
+    VQK_CHECK(x.dim() == 2 && x.size(0) == b && x.size(1) >= m && is_floating_point(x) &&
+                  (x.size(1) <= 1 || x.stride(1) == 1),
+              name, " must be a floating (B, >= M) tensor with unit column stride");
   };
   check_output(cond, "cond");
   if (uncond) {
     check_output(*uncond, "uncond");
-    TORCH_CHECK(uncond->scalar_type() == cond.scalar_type(), "uncond must have cond's dtype");
+    VQK_CHECK(uncond->scalar_type() == cond.scalar_type(), "uncond must have cond's dtype");
   }
   check_same_device(timesteps, sample, "timesteps");
-  TORCH_CHECK(timesteps.dim() == 1 && timesteps.size(0) == b && timesteps.scalar_type() == at::kLong,
-              "timesteps must be int64 (B,)");
+  VQK_CHECK(timesteps.dim() == 1 && timesteps.size(0) == b &&
+                timesteps.scalar_type() == ScalarType::Long,
+            "timesteps must be int64 (B,)");
   check_same_device(alphas_cumprod, sample, "alphas_cumprod");
-  TORCH_CHECK(alphas_cumprod.dim() == 1 && alphas_cumprod.is_contiguous() &&
-                  alphas_cumprod.scalar_type() == at::kFloat && alphas_cumprod.numel() >= 1,
-              "alphas_cumprod must be a contiguous float32 (T,) table");
+  VQK_CHECK(alphas_cumprod.dim() == 1 && alphas_cumprod.is_contiguous() &&
+                alphas_cumprod.scalar_type() == ScalarType::Float && alphas_cumprod.numel() >= 1,
+            "alphas_cumprod must be a contiguous float32 (T,) table");
 }
 
 // variance_noise like sample (its dtype or float32), noise_seed one int64 (not
 // both), threshold (B,) float32 contiguous.
-void check_step_noise(const at::Tensor& sample, const std::optional<at::Tensor>& variance_noise,
-                      const std::optional<at::Tensor>& noise_seed,
-                      const std::optional<at::Tensor>& threshold) {
+void check_step_noise(const Tensor& sample, const std::optional<Tensor>& variance_noise,
+                      const std::optional<Tensor>& noise_seed,
+                      const std::optional<Tensor>& threshold) {
   if (variance_noise) {
     check_same_device(*variance_noise, sample, "variance_noise");
-    TORCH_CHECK(variance_noise->sizes() == sample.sizes() && variance_noise->is_contiguous() &&
-                    (variance_noise->scalar_type() == sample.scalar_type() ||
-                     variance_noise->scalar_type() == at::kFloat),
-                "variance_noise must be contiguous, with the sample's shape and its dtype or float32");
+    VQK_CHECK(same_sizes(*variance_noise, sample) && variance_noise->is_contiguous() &&
+                  (variance_noise->scalar_type() == sample.scalar_type() ||
+                   variance_noise->scalar_type() == ScalarType::Float),
+              "variance_noise must be contiguous, with the sample's shape and its dtype or ",
+              "float32");
   }
   if (noise_seed) {
     check_same_device(*noise_seed, sample, "noise_seed");
-    TORCH_CHECK(noise_seed->numel() == 1 && noise_seed->scalar_type() == at::kLong,
-                "noise_seed must be one int64");
+    VQK_CHECK(noise_seed->numel() == 1 && noise_seed->scalar_type() == ScalarType::Long,
+              "noise_seed must be one int64");
   }
-  TORCH_CHECK(!(variance_noise && noise_seed), "give variance_noise or noise_seed, not both");
+  VQK_CHECK(!(variance_noise && noise_seed), "give variance_noise or noise_seed, not both");
   if (threshold) {
     check_same_device(*threshold, sample, "threshold");
-    TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == sample.size(0) &&
-                    threshold->is_contiguous() && threshold->scalar_type() == at::kFloat,
-                "threshold must be a contiguous float32 (B,)");
+    VQK_CHECK(threshold->dim() == 1 && threshold->size(0) == sample.size(0) &&
+                  threshold->is_contiguous() && threshold->scalar_type() == ScalarType::Float,
+              "threshold must be a contiguous float32 (B,)");
   }
 }
 
@@ -259,27 +273,27 @@ common::Prediction parse_prediction(std::string_view prediction_type) {
   if (prediction_type == "epsilon") return common::Prediction::Epsilon;
   if (prediction_type == "sample") return common::Prediction::Sample;
   if (prediction_type == "v_prediction") return common::Prediction::VPrediction;
-  TORCH_CHECK(false, "prediction_type must be epsilon, sample or v_prediction, got ",
-              prediction_type);
+  VQK_CHECK(false, "prediction_type must be epsilon, sample or v_prediction, got ",
+            prediction_type);
 }
 
 // An output like sample, or empty (0,) when it is not written.
-at::Tensor step_output(const at::Tensor& sample, bool write) {
-  return at::empty(write ? sample.sizes() : at::IntArrayRef{0}, sample.options());
+Tensor step_output(const Tensor& sample, bool write) {
+  return write ? new_empty(sample, sample.sizes()) : new_empty(sample, {0});
 }
 
-const void* data_or_null(const std::optional<at::Tensor>& x) {
+const void* data_or_null(const std::optional<Tensor>& x) {
   return x ? x->const_data_ptr() : nullptr;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> ddim_step(VQK_DDIM_STEP_ARGS) {
+std::tuple<Tensor, Tensor> ddim_step(VQK_DDIM_STEP_ARGS) {
   check_step_inputs(sample, cond, uncond, timesteps, alphas_cumprod);
   check_step_noise(sample, variance_noise, noise_seed, threshold);
-  TORCH_CHECK(step_ratio >= 1, "step_ratio must be >= 1, got ", step_ratio);
-  TORCH_CHECK(guided_elems >= 0 && guided_elems <= sample.size(1), "guided_elems must be in [0, M]");
-  at::Tensor prev = step_output(sample, write_prev), x0 = step_output(sample, write_x0);
+  VQK_CHECK(step_ratio >= 1, "step_ratio must be >= 1, got ", step_ratio);
+  VQK_CHECK(guided_elems >= 0 && guided_elems <= sample.size(1), "guided_elems must be in [0, M]");
+  Tensor prev = step_output(sample, write_prev), x0 = step_output(sample, write_x0);
   const common::DdimParams params{
       alphas_cumprod.numel(), step_ratio, static_cast<float>(final_alpha_cumprod),
       static_cast<float>(eta), parse_prediction(prediction_type), clip_sample,
@@ -287,9 +301,9 @@ std::tuple<at::Tensor, at::Tensor> ddim_step(VQK_DDIM_STEP_ARGS) {
       static_cast<float>(guidance_scale), uncond ? guided_elems : 0};
   const common::DdimPointers ptr{
       sample.const_data_ptr(), cond.const_data_ptr(), data_or_null(uncond), cond.stride(0),
-      uncond ? uncond->stride(0) : 0, alphas_cumprod.const_data_ptr<float>(),
-      timesteps.const_data_ptr<int64_t>(), timesteps.stride(0), data_or_null(variance_noise),
-      variance_noise && variance_noise->scalar_type() == at::kFloat,
+      uncond ? uncond->stride(0) : 0, cdata<float>(alphas_cumprod),
+      cdata<int64_t>(timesteps), timesteps.stride(0), data_or_null(variance_noise),
+      variance_noise && variance_noise->scalar_type() == ScalarType::Float,
       static_cast<const int64_t*>(data_or_null(noise_seed)),
       static_cast<const float*>(data_or_null(threshold)),
       write_prev ? prev.mutable_data_ptr() : nullptr, write_x0 ? x0.mutable_data_ptr() : nullptr};
@@ -302,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step(VQK_DDIM_STEP_ARGS) {
     return {prev, x0};
   }
 #endif
-  VQK_CHECK_DEVICE(sample, at::kCPU);
+  VQK_CHECK_DEVICE(sample, DeviceType::CPU);
   ddim_step_cpu(step);
   return {prev, x0};
 }

@@ -11,10 +11,6 @@
 // its codes' rows. Every element of `sums` is thus a sequential sum in row
 // order: the result never depends on the thread count, and `deterministic`
 // costs nothing. The update then finalizes each task's codes while in cache.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -41,12 +37,12 @@ constexpr int64_t kCacheLine = 64;                 // bytes per prefetch
 template <typename I>
 std::vector<int64_t> count_codes(const I* indices, int64_t n, int64_t k) {
   const int64_t chunks = std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(at::get_num_threads()),
+      1, std::min({static_cast<int64_t>(torch::stable::get_num_threads()),
                    cpu::ceil_div(n, kRowsPerCountChunk), kMaxHistogramEntries / k}));
   const int64_t rows_per_chunk = cpu::ceil_div(n, chunks);
   std::vector<int64_t> hist(chunks * k, 0);
   std::vector<int64_t> bad_row(chunks, -1);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t* h = hist.data() + c * k;
       for (int64_t r = c * rows_per_chunk, end = std::min(n, r + rows_per_chunk); r < end; ++r) {
@@ -60,8 +56,8 @@ std::vector<int64_t> count_codes(const I* indices, int64_t n, int64_t k) {
     }
   });
   for (int64_t c = 0; c < chunks; ++c) {
-    TORCH_CHECK_VALUE(bad_row[c] < 0, "indices must be in [0, ", k, ") (the number of codes), "
-                      "found ", static_cast<int64_t>(indices[bad_row[c]]), " at row ", bad_row[c]);
+    VQK_CHECK(bad_row[c] < 0, "indices must be in [0, ", k, ") (the number of codes), "
+              "found ", static_cast<int64_t>(indices[bad_row[c]]), " at row ", bad_row[c]);
   }
   for (int64_t c = 1; c < chunks; ++c) {
     for (int64_t code = 0; code < k; ++code) hist[code] += hist[c * k + code];
@@ -151,7 +147,8 @@ Tasks plan_tasks(const std::vector<int64_t>& counts, int64_t dim) {
     n += c;
     heaviest = std::max(heaviest, c);
   }
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(k, at::get_num_threads()));
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
+  const int64_t blocks = std::max<int64_t>(1, std::min(k, threads));
   Tasks t{std::vector<int64_t>(blocks + 1, k), dim, 1};
   t.bounds[0] = 0;
   int64_t work = 0;  // rows + codes before `code`
@@ -172,7 +169,7 @@ template <typename T, typename I, typename Finish>
 void sum_by_code(const T* z, const I* indices, int64_t n, int64_t dim, const Tasks& tasks,
                  float* sums, const Finish& finish) {
   const auto accumulate = select_accumulate<T, I>(tasks.slice * static_cast<int64_t>(sizeof(T)));
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t t0, int64_t t1) {
+  torch::stable::parallel_for(0, tasks.count(), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tasks.slices, d0 = (t % tasks.slices) * tasks.slice;
       const int64_t dc = std::min(tasks.slice, dim - d0);
@@ -185,11 +182,11 @@ void sum_by_code(const T* z, const I* indices, int64_t n, int64_t dim, const Tas
 }
 
 template <typename F>
-void dispatch_indices(const at::Tensor& indices, const F& f) {
-  if (indices.scalar_type() == at::kInt) {
-    f(indices.const_data_ptr<int32_t>());
+void dispatch_indices(const Tensor& indices, const F& f) {
+  if (indices.scalar_type() == ScalarType::Int) {
+    f(cdata<int32_t>(indices));
   } else {
-    f(indices.const_data_ptr<int64_t>());
+    f(cdata<int64_t>(indices));
   }
 }
 
@@ -230,74 +227,73 @@ struct EmaState {
   float total;
 
   float smoothed(int64_t code) const {
-    return common::ema_smoothed_size(common::ema_debiased(cluster_size[code], params), total, params);
+    return common::ema_smoothed_size(common::ema_debiased(cluster_size[code], params), total,
+                                     params);
   }
 };
 
-EmaState make_state(const at::Tensor& cluster_size, const at::Tensor& embed_sum, double decay,
+EmaState make_state(const Tensor& cluster_size, const Tensor& embed_sum, double decay,
                     double eps, bool bias_correction, int64_t step) {
   const int64_t k = cluster_size.numel();
-  return {cluster_size.mutable_data_ptr<float>(), embed_sum.mutable_data_ptr<float>(), k,
+  return {data<float>(cluster_size), data<float>(embed_sum), k,
           embed_sum.size(1), common::make_ema_params(decay, eps, bias_correction, step, k), 0.0f};
 }
 
-void check_state(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
-                 const at::Tensor& codebook) {
-  for (const at::Tensor* t : {&cluster_size, &embed_sum, &codebook}) {
-    VQK_CHECK_DEVICE(*t, at::kCPU);
-    TORCH_CHECK(t->is_contiguous(), "the EMA state and codebook must be contiguous");
+void check_state(const Tensor& cluster_size, const Tensor& embed_sum, const Tensor& codebook) {
+  for (const Tensor* t : {&cluster_size, &embed_sum, &codebook}) {
+    VQK_CHECK_DEVICE(*t, DeviceType::CPU);
+    VQK_CHECK(t->is_contiguous(), "the EMA state and codebook must be contiguous");
   }
-  TORCH_CHECK(cluster_size.dim() == 1 && cluster_size.numel() >= 1,
-              "cluster_size must be 1-D (K,) with K >= 1");
+  VQK_CHECK(cluster_size.dim() == 1 && cluster_size.numel() >= 1,
+            "cluster_size must be 1-D (K,) with K >= 1");
   const int64_t k = cluster_size.numel();
-  TORCH_CHECK(embed_sum.dim() == 2 && embed_sum.size(0) == k && codebook.sizes() == embed_sum.sizes(),
-              "embed_sum and codebook must be (K, D) with K = ", k);
-  TORCH_CHECK(cluster_size.scalar_type() == at::kFloat && embed_sum.scalar_type() == at::kFloat,
-              "cluster_size and embed_sum must be float32");
+  VQK_CHECK(embed_sum.dim() == 2 && embed_sum.size(0) == k && same_sizes(codebook, embed_sum),
+            "embed_sum and codebook must be (K, D) with K = ", k);
+  VQK_CHECK(cluster_size.scalar_type() == ScalarType::Float &&
+                embed_sum.scalar_type() == ScalarType::Float,
+            "cluster_size and embed_sum must be float32");
 }
 
-void check_batch(const at::Tensor& z, const at::Tensor& indices, int64_t num_codes) {
-  VQK_CHECK_DEVICE(z, at::kCPU);
-  VQK_CHECK_DEVICE(indices, at::kCPU);
-  TORCH_CHECK(num_codes >= 1, "num_codes must be >= 1, got ", num_codes);
-  TORCH_CHECK(z.dim() == 2 && z.size(1) >= 1, "z must be 2-D (N, D) with D >= 1");
-  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == z.size(0),
-              "indices must be 1-D of length N = ", z.size(0));
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
-              "indices must be int64 or int32, got ", indices.scalar_type());
+void check_batch(const Tensor& z, const Tensor& indices, int64_t num_codes) {
+  VQK_CHECK_DEVICE(z, DeviceType::CPU);
+  VQK_CHECK_DEVICE(indices, DeviceType::CPU);
+  VQK_CHECK(num_codes >= 1, "num_codes must be >= 1, got ", num_codes);
+  VQK_CHECK(z.dim() == 2 && z.size(1) >= 1, "z must be 2-D (N, D) with D >= 1");
+  VQK_CHECK(indices.dim() == 1 && indices.size(0) == z.size(0),
+            "indices must be 1-D of length N = ", z.size(0));
+  VQK_CHECK(indices.scalar_type() == ScalarType::Long || indices.scalar_type() == ScalarType::Int,
+            "indices must be int64 or int32, got ", indices.scalar_type());
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> code_counts_and_sums_cpu(const at::Tensor& z,
-                                                            const at::Tensor& indices,
-                                                            int64_t num_codes,
-                                                            bool /*deterministic: always*/) {
+std::tuple<Tensor, Tensor> code_counts_and_sums_cpu(const Tensor& z, const Tensor& indices,
+                                                    int64_t num_codes,
+                                                    bool /*deterministic: always*/) {
   check_batch(z, indices, num_codes);
-  const at::Tensor zc = z.contiguous(), ic = indices.contiguous();
+  const Tensor zc = contiguous(z), ic = contiguous(indices);
   const int64_t n = zc.size(0), dim = zc.size(1);
-  at::Tensor counts = at::empty({num_codes}, zc.options().dtype(at::kFloat));
-  at::Tensor sums = at::empty({num_codes, dim}, zc.options().dtype(at::kFloat));
+  Tensor counts = new_empty(zc, {num_codes}, ScalarType::Float);
+  Tensor sums = new_empty(zc, {num_codes, dim}, ScalarType::Float);
   dispatch_indices(ic, [&](auto idx) {
     const std::vector<int64_t> code_counts = count_codes(idx, n, num_codes);
-    std::copy(code_counts.begin(), code_counts.end(), counts.mutable_data_ptr<float>());
+    std::copy(code_counts.begin(), code_counts.end(), data<float>(counts));
     const Tasks tasks = plan_tasks(code_counts, dim);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "code_counts_and_sums", [&] {
-      sum_by_code(zc.const_data_ptr<scalar_t>(), idx, n, dim, tasks, sums.mutable_data_ptr<float>(),
+    VQK_DISPATCH_FLOATING(zc.scalar_type(), "code_counts_and_sums", [&] {
+      sum_by_code(cdata<scalar_t>(zc), idx, n, dim, tasks, data<float>(sums),
                   [](int64_t, int64_t, int64_t, int64_t) {});
     });
   });
   return {counts, sums};
 }
 
-void ema_update_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
-                    const at::Tensor& codebook, const at::Tensor& z, const at::Tensor& indices,
-                    double decay, double eps, bool bias_correction, int64_t step,
-                    bool /*deterministic: always*/) {
+void ema_update_cpu(const Tensor& cluster_size, const Tensor& embed_sum, const Tensor& codebook,
+                    const Tensor& z, const Tensor& indices, double decay, double eps,
+                    bool bias_correction, int64_t step, bool /*deterministic: always*/) {
   check_state(cluster_size, embed_sum, codebook);
   check_batch(z, indices, cluster_size.numel());
-  TORCH_CHECK(z.size(1) == embed_sum.size(1), "z must have D = ", embed_sum.size(1), " columns");
-  const at::Tensor zc = z.contiguous(), ic = indices.contiguous();
+  VQK_CHECK(z.size(1) == embed_sum.size(1), "z must have D = ", embed_sum.size(1), " columns");
+  const Tensor zc = contiguous(z), ic = contiguous(indices);
   const int64_t n = zc.size(0);
   EmaState s = make_state(cluster_size, embed_sum, decay, eps, bias_correction, step);
   const std::unique_ptr<float[]> sums(new float[s.k * s.dim]);  // pass 2 zeroes its blocks
@@ -307,11 +303,11 @@ void ema_update_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
       return static_cast<float>(counts[code]);
     });
     const Tasks tasks = plan_tasks(counts, s.dim);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "ema_update_z", [&] {
+    VQK_DISPATCH_FLOATING(zc.scalar_type(), "ema_update_z", [&] {
       using T = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "ema_update_codebook", [&] {
-        scalar_t* cb = codebook.mutable_data_ptr<scalar_t>();
-        sum_by_code(zc.const_data_ptr<T>(), idx, n, s.dim, tasks, sums.get(),
+      VQK_DISPATCH_FLOATING(codebook.scalar_type(), "ema_update_codebook", [&] {
+        scalar_t* cb = data<scalar_t>(codebook);
+        sum_by_code(cdata<T>(zc), idx, n, s.dim, tasks, sums.get(),
                     [&](int64_t c0, int64_t c1, int64_t d0, int64_t dc) {
                       for (int64_t code = c0; code < c1; ++code) {
                         const int64_t at = code * s.dim + d0;
@@ -324,26 +320,26 @@ void ema_update_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
   });
 }
 
-void ema_update_from_stats_cpu(const at::Tensor& cluster_size, const at::Tensor& embed_sum,
-                               const at::Tensor& codebook, const at::Tensor& counts,
-                               const at::Tensor& sums, double decay, double eps,
-                               bool bias_correction, int64_t step) {
+void ema_update_from_stats_cpu(const Tensor& cluster_size, const Tensor& embed_sum,
+                               const Tensor& codebook, const Tensor& counts, const Tensor& sums,
+                               double decay, double eps, bool bias_correction, int64_t step) {
   check_state(cluster_size, embed_sum, codebook);
-  VQK_CHECK_DEVICE(counts, at::kCPU);
-  VQK_CHECK_DEVICE(sums, at::kCPU);
-  TORCH_CHECK(counts.numel() == cluster_size.numel() && sums.sizes() == embed_sum.sizes(),
-              "counts must be (K,) and sums (K, D) like cluster_size and embed_sum");
-  TORCH_CHECK(counts.scalar_type() == at::kFloat && sums.scalar_type() == at::kFloat,
-              "counts and sums must be float32");
-  const at::Tensor cc = counts.contiguous(), sc = sums.contiguous();
-  const float* cp = cc.const_data_ptr<float>();
-  const float* sp = sc.const_data_ptr<float>();
+  VQK_CHECK_DEVICE(counts, DeviceType::CPU);
+  VQK_CHECK_DEVICE(sums, DeviceType::CPU);
+  VQK_CHECK(counts.numel() == cluster_size.numel() && same_sizes(sums, embed_sum),
+            "counts must be (K,) and sums (K, D) like cluster_size and embed_sum");
+  VQK_CHECK(counts.scalar_type() == ScalarType::Float && sums.scalar_type() == ScalarType::Float,
+            "counts and sums must be float32");
+  const Tensor cc = contiguous(counts), sc = contiguous(sums);
+  const float* cp = cdata<float>(cc);
+  const float* sp = cdata<float>(sc);
   EmaState s = make_state(cluster_size, embed_sum, decay, eps, bias_correction, step);
-  s.total = update_cluster_sizes(s.cluster_size, s.k, s.params, [&](int64_t code) { return cp[code]; });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "ema_update_from_stats", [&] {
-    scalar_t* cb = codebook.mutable_data_ptr<scalar_t>();
+  s.total = update_cluster_sizes(s.cluster_size, s.k, s.params,
+                                 [&](int64_t code) { return cp[code]; });
+  VQK_DISPATCH_FLOATING(codebook.scalar_type(), "ema_update_from_stats", [&] {
+    scalar_t* cb = data<scalar_t>(codebook);
     const int64_t grain = std::max<int64_t>(1, 16384 / s.dim);
-    at::parallel_for(0, s.k, grain, [&](int64_t k0, int64_t k1) {
+    torch::stable::parallel_for(0, s.k, grain, [&](int64_t k0, int64_t k1) {
       for (int64_t code = k0; code < k1; ++code) {
         const int64_t at = code * s.dim;
         finalize_code(s.embed_sum + at, cb + at, sp + at, s.dim, s.smoothed(code), s.params);

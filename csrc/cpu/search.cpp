@@ -8,12 +8,6 @@
 // takes a single-threaded GEMM per (row tile x code tile), folded into the lanes. The
 // residual search runs the same block search once a stage on the block's residual, which
 // stays in the thread's buffer between stages.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -23,6 +17,7 @@
 #include "cpu/simd.h"  // first: the -Wpsabi pragma (common/cpu_isa.h) covers common/search.h
 #include "common/checks.h"
 #include "common/search.h"
+#include "cpu/blas_tiles.h"
 #include "cpu/parallel.h"
 #include "cpu/search_lanes.h"
 #include "vqkernels.h"
@@ -99,7 +94,7 @@ template <typename T, typename Acc>
 std::vector<Acc> stage_codebook(const Problem<T, Acc>& p, int64_t tile) {
   const int64_t D = p.dim, tiles = ceil_div(p.k, tile);
   std::vector<Acc> staged(tiles * (D + 1) * tile);
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  torch::stable::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * tile, kt = std::min(tile, p.k - k0);
       Acc* et = staged.data() + t * (D + 1) * tile;
@@ -125,7 +120,7 @@ struct Plan {
 template <typename Acc>
 Plan plan_search(int64_t n, int64_t dim, const MicroKernels<Acc>& mk) {
   const bool direct = dim <= kDirectMaxDim;
-  const int64_t per_thread = round_up(ceil_div(n, at::get_num_threads()), 8);
+  const int64_t per_thread = round_up(ceil_div(n, torch::stable::get_num_threads()), 8);
   const int64_t block_rows = std::max<int64_t>(1, std::min(direct ? kDirectRows : kGemmRows,
                                                            per_thread));
   const int64_t code_bytes = (dim + 1) * static_cast<int64_t>(sizeof(Acc));
@@ -175,18 +170,23 @@ void search_block_direct(const Problem<T, Acc>& p, const Acc* staged, int64_t ti
   finish_rows(p, r0, rows, s.best.data(), s.best_k.data());
 }
 
-// Rows of a T matrix as an Acc matrix for BLAS: a view when T is Acc, else
-// converted into `buffer` (by ATen's vectorized copy, single-threaded here).
+// A (rows, cols) CPU tensor over memory the caller owns, `ld` elements between rows.
+template <typename E>
+Tensor cpu_matrix(const E* data, int64_t rows, int64_t cols, int64_t ld) {
+  return torch::stable::from_blob(const_cast<E*>(data), {rows, cols}, {ld, 1}, DeviceType::CPU,
+                                  torch::headeronly::CppTypeToScalarType<E>::value);
+}
+
+// Rows of a T matrix as an Acc matrix for BLAS: src itself when T is Acc, else converted
+// into `buffer` (by torch's vectorized copy_, single-threaded here).
 template <typename T, typename Acc>
-at::Tensor as_matrix(const T* src, int64_t rows, int64_t dim, std::vector<Acc>& buffer) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value);
+const Acc* as_acc(const T* src, int64_t rows, int64_t dim, std::vector<Acc>& buffer) {
   if constexpr (std::is_same_v<T, Acc>) {
-    return at::from_blob(const_cast<Acc*>(src), {rows, dim}, options);
+    return src;
   } else {
-    at::Tensor out = at::from_blob(buffer.data(), {rows, dim}, options);
-    out.copy_(at::from_blob(const_cast<T*>(src), {rows, dim},
-                            at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)));
-    return out;
+    Tensor out = cpu_matrix(buffer.data(), rows, dim, dim);
+    torch::stable::copy_(out, cpu_matrix(src, rows, dim, dim));
+    return buffer.data();
   }
 }
 
@@ -194,14 +194,14 @@ at::Tensor as_matrix(const T* src, int64_t rows, int64_t dim, std::vector<Acc>& 
 template <typename T, typename Acc>
 void search_block_gemm(const Problem<T, Acc>& p, int64_t r0, int64_t rows, Scratch<Acc>& s) {
   const int64_t D = p.dim, W = p.mk.width;
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value);
-  const at::Tensor zt = as_matrix(p.z + r0 * D, rows, D, s.zs);
+  const Acc* zt = as_acc(p.z + r0 * D, rows, D, s.zs);
   reset_lanes(rows * W, s.best.data(), s.best_k.data());
   for (int64_t k0 = 0; k0 < p.k; k0 += kGemmCodes) {
     const int64_t kt = std::min(kGemmCodes, p.k - k0), width = round_up(kt, W);
-    const at::Tensor et = as_matrix(p.e + k0 * D, kt, D, s.es);
-    at::Tensor out = at::from_blob(s.dots.data(), {rows, kt}, {kGemmCodes, 1}, options);
-    at::mm_out(out, zt, et.t());
+    const Acc* et = as_acc(p.e + k0 * D, kt, D, s.es);
+    // dots (rows x kt, row stride kGemmCodes) = z e^T; column-major, its transpose e z^T.
+    gemm<Acc>(true, false, kt, rows, D, Acc(1), et, D, zt, D, Acc(0), s.dots.data(),
+              kGemmCodes);
     std::copy(p.sqnorm + k0, p.sqnorm + k0 + kt, s.sq.begin());
     std::fill(s.sq.begin() + kt, s.sq.begin() + width, std::numeric_limits<Acc>::infinity());
     p.mk.fold(s.dots.data(), kGemmCodes, rows, s.sq.data(), width, k0, s.best.data(),
@@ -221,7 +221,7 @@ template <typename T, typename Acc>
 void search(const Problem<T, Acc>& p) {
   const Plan plan = plan_search(p.n, p.dim, p.mk);
   const std::vector<Acc> staged = plan.direct ? stage_codebook(p, plan.tile) : std::vector<Acc>{};
-  at::parallel_for(0, ceil_div(p.n, plan.block_rows), 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, ceil_div(p.n, plan.block_rows), 1, [&](int64_t b0, int64_t b1) {
     Scratch<Acc> scratch(plan, p.dim, p.mk, static_cast<T*>(nullptr));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * plan.block_rows;
@@ -234,7 +234,7 @@ void search(const Problem<T, Acc>& p) {
 // when the input is Acc), their ||e||^2 and, on the direct path, the staged tiles.
 template <typename Acc>
 struct Stage {
-  at::Tensor codes, sqnorm;
+  Tensor codes, sqnorm;
   std::vector<Acc> staged;
 };
 
@@ -246,7 +246,7 @@ void residual_search(const T* z, int64_t n, int64_t dim, const std::vector<Stage
                      const Plan& plan, const MicroKernels<Acc>& mk, int64_t* indices,
                      T* quantized) {
   const int64_t num_stages = static_cast<int64_t>(stages.size()), block = plan.block_rows;
-  at::parallel_for(0, ceil_div(n, block), 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, ceil_div(n, block), 1, [&](int64_t b0, int64_t b1) {
     Scratch<Acc> scratch(plan, dim, mk, static_cast<Acc*>(nullptr));
     std::vector<Acc> residual(block * dim), sum(block * dim), distances(block);
     std::vector<int64_t> chosen(block);
@@ -257,8 +257,8 @@ void residual_search(const T* z, int64_t n, int64_t dim, const std::vector<Stage
       std::fill(sum.begin(), sum.begin() + rows * dim, Acc(0));
       for (int64_t q = 0; q < num_stages; ++q) {
         const Stage<Acc>& stage = stages[q];
-        const Problem<Acc, Acc> p{residual.data(), stage.codes.template const_data_ptr<Acc>(),
-                                  stage.sqnorm.template const_data_ptr<Acc>(), rows,
+        const Problem<Acc, Acc> p{residual.data(), cdata<Acc>(stage.codes),
+                                  cdata<Acc>(stage.sqnorm), rows,
                                   stage.codes.size(0), dim, chosen.data(), distances.data(), mk};
         search_block(p, plan, stage.staged, 0, rows, scratch);
         for (int64_t r = 0; r < rows; ++r) {
@@ -278,69 +278,72 @@ void residual_search(const T* z, int64_t n, int64_t dim, const std::vector<Stage
   });
 }
 
+// The ||e_k||^2 the search ranks by: fp64 ranks by fp64 norms, codes.square().sum(1)
+// (O(K); aten::square is called by name, the stable ABI does not wrap it); the caller's are fp32.
+Tensor ranking_sqnorm(const Tensor& codes, const Tensor& given, bool fp64) {
+  if (!fp64) {
+    return contiguous(torch::stable::to(torch::stable::reshape(given, {-1}), ScalarType::Float));
+  }
+  const Tensor squares = call_aten_tensor("aten::square", "", codes);
+  return torch::stable::sum(squares, torch::headeronly::IntHeaderOnlyArrayRef{1});
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook,
-                                                    const at::Tensor& codebook_sqnorm,
-                                                    std::string_view precision) {
-  VQK_CHECK_DEVICE(z, at::kCPU);
-  VQK_CHECK_DEVICE(codebook, at::kCPU);
+std::tuple<Tensor, Tensor> nearest_code_cpu(const Tensor& z, const Tensor& codebook,
+                                            const Tensor& codebook_sqnorm,
+                                            std::string_view precision) {
+  VQK_CHECK_DEVICE(z, DeviceType::CPU);
+  VQK_CHECK_DEVICE(codebook, DeviceType::CPU);
   check_nearest_code_args(z, codebook, codebook_sqnorm, precision);
   const int64_t n = z.size(0), k = codebook.size(0), dim = z.size(1);
-  const bool fp64 = z.scalar_type() == at::kDouble;
-  const at::Tensor zc = z.contiguous(), ec = codebook.contiguous();
-  // fp64 ranks by fp64 norms (O(K)); the caller's are fp32.
-  const at::Tensor sqnorm = fp64 ? ec.square().sum(1)
-                                 : codebook_sqnorm.reshape({-1}).to(at::kFloat).contiguous();
-  at::Tensor indices = at::empty({n}, zc.options().dtype(at::kLong));
-  at::Tensor distances = at::empty({n}, zc.options().dtype(fp64 ? at::kDouble : at::kFloat));
+  const bool fp64 = z.scalar_type() == ScalarType::Double;
+  const Tensor zc = contiguous(z), ec = contiguous(codebook);
+  const Tensor sqnorm = ranking_sqnorm(ec, codebook_sqnorm, fp64);
+  Tensor indices = new_empty(zc, {n}, ScalarType::Long);
+  Tensor distances = new_empty(zc, {n}, fp64 ? ScalarType::Double : ScalarType::Float);
   if (n == 0) return {indices, distances};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "nearest_code", [&] {
+  VQK_DISPATCH_FLOATING(zc.scalar_type(), "nearest_code", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const Problem<scalar_t, Acc> p{zc.const_data_ptr<scalar_t>(), ec.const_data_ptr<scalar_t>(),
-                                   sqnorm.const_data_ptr<Acc>(), n, k, dim,
-                                   indices.mutable_data_ptr<int64_t>(),
-                                   distances.mutable_data_ptr<Acc>(), select_micro_kernels<Acc>()};
+    const Problem<scalar_t, Acc> p{cdata<scalar_t>(zc), cdata<scalar_t>(ec), cdata<Acc>(sqnorm),
+                                   n, k, dim, data<int64_t>(indices), data<Acc>(distances),
+                                   select_micro_kernels<Acc>()};
     search(p);
   });
   return {indices, distances};
 }
 
-std::tuple<at::Tensor, at::Tensor> residual_nearest_code_cpu(const at::Tensor& z,
-                                                             at::TensorList codebooks,
-                                                             at::TensorList codebook_sqnorms,
-                                                             std::string_view precision) {
-  VQK_CHECK_DEVICE(z, at::kCPU);
+std::tuple<Tensor, Tensor> residual_nearest_code_cpu(const Tensor& z,
+                                                     const std::vector<Tensor>& codebooks,
+                                                     const std::vector<Tensor>& codebook_sqnorms,
+                                                     std::string_view precision) {
+  VQK_CHECK_DEVICE(z, DeviceType::CPU);
   check_residual_nearest_code_args(z, codebooks, codebook_sqnorms, precision);
   const int64_t n = z.size(0), dim = z.size(1), num_stages = codebooks.size();
-  const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor indices = at::empty({n, num_stages}, z.options().dtype(at::kLong));
-  at::Tensor quantized = at::empty({n, dim}, z.options());
+  const bool fp64 = z.scalar_type() == ScalarType::Double;
+  const ScalarType acc_type = fp64 ? ScalarType::Double : ScalarType::Float;
+  Tensor indices = new_empty(z, {n, num_stages}, ScalarType::Long);
+  Tensor quantized = new_empty(z, {n, dim});
   if (n == 0) return {indices, quantized};
-  const at::Tensor zc = z.contiguous();
-  const auto type = zc.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "residual_nearest_code", [&] {
+  const Tensor zc = contiguous(z);
+  VQK_DISPATCH_FLOATING(zc.scalar_type(), "residual_nearest_code", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const MicroKernels<Acc> mk = select_micro_kernels<Acc>();
     const Plan plan = plan_search(n, dim, mk);
     std::vector<Stage<Acc>> stages;
     for (int64_t q = 0; q < num_stages; ++q) {
-      at::Tensor codes = codebooks[q].to(acc_type).contiguous();
-      // fp64 ranks by fp64 norms (O(K)); the caller's are fp32.
-      at::Tensor sqnorm = acc_type == at::kDouble
-                              ? codes.square().sum(1)
-                              : codebook_sqnorms[q].reshape({-1}).to(at::kFloat).contiguous();
+      Tensor codes = contiguous(torch::stable::to(codebooks[q], acc_type));
+      Tensor sqnorm = ranking_sqnorm(codes, codebook_sqnorms[q], fp64);
       std::vector<Acc> staged;
       if (plan.direct) {
-        const Problem<Acc, Acc> p{nullptr, codes.const_data_ptr<Acc>(),
-                                  sqnorm.const_data_ptr<Acc>(), 0, codes.size(0), dim, nullptr,
-                                  nullptr, mk};
+        const Problem<Acc, Acc> p{nullptr, cdata<Acc>(codes), cdata<Acc>(sqnorm), 0,
+                                  codes.size(0), dim, nullptr, nullptr, mk};
         staged = stage_codebook(p, plan.tile);
       }
       stages.push_back({std::move(codes), std::move(sqnorm), std::move(staged)});
     }
-    residual_search(zc.const_data_ptr<scalar_t>(), n, dim, stages, plan, mk,
-                    indices.mutable_data_ptr<int64_t>(), quantized.mutable_data_ptr<scalar_t>());
+    residual_search(cdata<scalar_t>(zc), n, dim, stages, plan, mk, data<int64_t>(indices),
+                    data<scalar_t>(quantized));
   });
   return {indices, quantized};
 }

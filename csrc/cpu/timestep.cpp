@@ -5,10 +5,6 @@
 //   out[n, dim - 1]       = 0 when dim is odd
 // Memory: N * sizeof(t) read, N * dim * sizeof(out) written. FLOPs: ~N * dim
 // transcendentals. Parallel over rows.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-
 #include <vector>
 
 #include "common/checks.h"
@@ -64,20 +60,20 @@ void timestep_embedding_rows(const T* t, Out* out, int64_t begin, int64_t end,
 
 }  // namespace
 
-at::Tensor timestep_embedding_cpu(const at::Tensor& t, int64_t dim, double max_period,
-                                  bool flip_sin_to_cos, double downscale_freq_shift,
-                                  double scale, at::ScalarType dtype) {
-  const auto p = check_timestep_args(t, at::kCPU, dim, max_period, flip_sin_to_cos,
+Tensor timestep_embedding_cpu(const Tensor& t, int64_t dim, double max_period,
+                              bool flip_sin_to_cos, double downscale_freq_shift, double scale,
+                              ScalarType dtype) {
+  const auto p = check_timestep_args(t, DeviceType::CPU, dim, max_period, flip_sin_to_cos,
                                      downscale_freq_shift, scale);
-  const at::Tensor tc = t.contiguous();
-  at::Tensor out = at::empty({tc.size(0), dim}, tc.options().dtype(dtype));
+  const Tensor tc = contiguous(t);
+  Tensor out = new_empty(tc, {tc.size(0), dim}, dtype);
   const int64_t grain = std::max<int64_t>(1, 16384 / dim);
-  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "timestep_t", [&] {
+  VQK_DISPATCH_FLOATING_AND_INTEGRAL(tc.scalar_type(), "timestep_t", [&] {
     using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "timestep_out", [&] {
-      const T* tp = tc.const_data_ptr<T>();
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, tc.size(0), grain, [&](int64_t begin, int64_t end) {
+    VQK_DISPATCH_FLOATING(dtype, "timestep_out", [&] {
+      const T* tp = cdata<T>(tc);
+      scalar_t* op = data<scalar_t>(out);
+      torch::stable::parallel_for(0, tc.size(0), grain, [&](int64_t begin, int64_t end) {
         timestep_embedding_rows(tp, op, begin, end, p);
       });
     });

@@ -49,7 +49,7 @@ __device__ __forceinline__ int64_t lower_bound(const int64_t* __restrict__ sorte
   return lo;
 }
 
-// Rows sorted stably by code (by the ATen launcher): one thread per (code,
+// Rows sorted stably by code (by the launcher): one thread per (code,
 // column) finds its code's segment by binary search and sums its rows in row
 // order. Bytes: N D s gathered (coalesced across columns), 8 N row ids per column.
 template <typename T>

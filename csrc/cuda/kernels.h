@@ -1,6 +1,6 @@
 #pragma once
 // Raw-pointer launchers of the CUDA kernels. This header and the .cu files
-// include no torch headers, which keeps nvcc fast; csrc/cuda/aten_ops.cpp
+// include no torch headers, which keeps nvcc fast; csrc/cuda/launchers.cpp
 // turns tensors into these calls. Each launcher returns the launch status.
 #include <cuda_runtime_api.h>
 

@@ -11,6 +11,8 @@ them would cost a host sync (``code_counts_and_sums``).
 """
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -66,15 +68,30 @@ def _run_triton_update(cluster_size, embed_sum, codebook, z, indices, stats, dec
                                                          decay, eps, bias_correction, step)
 
 
+@contextlib.contextmanager
+def _index_errors_as_value_errors():
+    """The C++ CPU kernels check the indices while counting, before any write; torch's stable
+    ABI carries their error as a RuntimeError, and a bad argument is a ValueError here."""
+    try:
+        yield
+    except RuntimeError as error:
+        bad_index = re.search(r"indices must be in \[0, \d+\).*", str(error))
+        if bad_index is None:
+            raise
+        raise ValueError(bad_index.group(0)) from None
+
+
 def _run_compiled_stats(z, indices, num_codes, deterministic):
-    return torch.ops.vqkernels.code_counts_and_sums(z, indices, num_codes, deterministic)
+    with _index_errors_as_value_errors():
+        return torch.ops.vqkernels.code_counts_and_sums(z, indices, num_codes, deterministic)
 
 
 def _run_compiled_update(cluster_size, embed_sum, codebook, z, indices, stats, decay, eps,
                          bias_correction, step, deterministic):
     if stats is None:
-        torch.ops.vqkernels.ema_update(cluster_size, embed_sum, codebook, z, indices, decay, eps,
-                                       bias_correction, step, deterministic)
+        with _index_errors_as_value_errors():
+            torch.ops.vqkernels.ema_update(cluster_size, embed_sum, codebook, z, indices, decay,
+                                           eps, bias_correction, step, deterministic)
     else:
         torch.ops.vqkernels.ema_update_from_stats(cluster_size, embed_sum, codebook, *stats,
                                                   decay, eps, bias_correction, step)
