@@ -235,7 +235,7 @@ def test_cuda_head_dims_come_from_the_extension(monkeypatch):
 
     dims = _ext.cuda_attention_head_dims()
     if _ext.build_info().get("cuda"):
-        assert dims == tuple(_ext._C.cuda_attention_head_dims())
+        assert dims == tuple(_ext._C.cuda_attention_head_dims)
         assert 72 in dims and list(dims) == sorted(dims), dims  # DiT-XL/2's head dim
         assert all(d % 8 == 0 and d <= 128 for d in dims), dims
     else:

@@ -42,6 +42,9 @@ def test_quick_cases_are_tiny_and_leave_compile_out(quick_cases):
 
 
 def test_tokenizer_cases_time_the_original_search_and_the_quantize_stage():
+    # Seeded: the original's search and the reference rank in different fp32 orders, so a
+    # random draw with a near tie between two codes picks different ones (a CI run did).
+    torch.manual_seed(0)
     found = models.tokenizer_cases("llamagen-tiny", (1, 3, 32, 32), CPU)
     assert [case.shape for case in found] == ["llamagen-tiny-tokenize-1x3x32x32-float32",
                                               "llamagen-tiny-quantize-1x8x16x16-float32"]

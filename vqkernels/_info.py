@@ -51,7 +51,7 @@ def _devices() -> list[torch.device]:
 
 def versions() -> dict:
     """python, torch, triton (None if not installed) and vqkernels versions; vqkernels' as
-    installed (0.1.0+torch2.14cu130: the torch and CUDA it was built for) when it is."""
+    installed (0.1.0+cu130: the CUDA its kernels were built for) when it is."""
     try:
         import triton
         triton_version = triton.__version__
