@@ -95,6 +95,7 @@ def test_demo_cuda_without_gpu_exits_2(tmp_path):
 
 
 def test_frechet_distance_matches_the_closed_form():
+    pytest.importorskip("threadpoolctl")  # the judge's, with scikit-learn (the demo extra)
     from vqkernels.demo.judge import frechet_distance
 
     rng = np.random.default_rng(0)

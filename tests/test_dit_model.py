@@ -138,7 +138,8 @@ def test_initialization_is_the_releases():
 
 def assert_xavier_uniform(weight, name):
     bound = math.sqrt(6 / sum(weight.shape))
-    assert weight.abs().max().item() <= bound, name
+    # The bound is rounded to float32 before the uniform draw scales by it (one ulp above).
+    assert weight.abs().max().item() <= bound * (1 + 2**-23), name
     assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name
 
 
