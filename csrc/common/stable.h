@@ -91,7 +91,7 @@ template <typename... Args>
 std::array<StableIValue, sizeof...(Args)> call_aten(const char* name, const char* overload,
                                                     const Args&... args) {
   std::array<StableIValue, sizeof...(Args)> stack{torch::stable::detail::from(args)...};
-  STABLE_TORCH_ERROR_CODE_CHECK(
+  TORCH_ERROR_CODE_CHECK(
       torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
   return stack;
 }

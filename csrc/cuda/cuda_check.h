@@ -4,7 +4,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
-#include <torch/csrc/stable/macros.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <stdexcept>
 
@@ -28,7 +28,7 @@ inline void cuda_check(cudaError_t status, const char* file, int line) {
 // torch's current CUDA stream on a device, or on a tensor's device.
 inline cudaStream_t current_stream(DeviceIndex device) {
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
   return static_cast<cudaStream_t>(stream);
 }
 inline cudaStream_t current_stream(const Tensor& t) {
