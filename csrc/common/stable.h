@@ -75,7 +75,9 @@ std::string str(const Parts&... parts) {
     if (!(cond)) throw std::runtime_error(::vqkernels::str(__VA_ARGS__));    \
   } while (false)
 
-inline int64_t dim_size(const Tensor& t, int64_t dim) { return t.size(dim < 0 ? dim + t.dim() : dim); }
+inline int64_t dim_size(const Tensor& t, int64_t dim) {
+  return t.size(dim < 0 ? dim + t.dim() : dim);
+}
 inline int64_t dim_stride(const Tensor& t, int64_t dim) {
   return t.stride(dim < 0 ? dim + t.dim() : dim);
 }
@@ -83,7 +85,6 @@ inline int64_t dim_stride(const Tensor& t, int64_t dim) {
 using torch::stable::contiguous;  // contiguous(t)
 using torch::stable::empty_like;  // empty_like(t)
 using torch::stable::new_empty;   // new_empty(like, sizes, dtype): on like's device
-using torch::stable::new_zeros;
 
 // Calls the ATen op name.overload, which has no stable wrapper, on args; returns the stack,
 // its outputs first (each an owning handle: take every one with detail::to).
@@ -115,30 +116,21 @@ const T* cdata(const Tensor& t) { return static_cast<const T*>(t.const_data_ptr(
 
 }  // namespace vqkernels
 
-// AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16, ...) on the stable ABI: the lambda
-// sees scalar_t = float, double, Half or BFloat16.
-#define VQK_DISPATCH_FLOATING(TYPE, NAME, ...)                                         \
-  THO_DISPATCH_SWITCH(TYPE, NAME,                                                      \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Float, __VA_ARGS__)   \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Double, __VA_ARGS__)  \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Half, __VA_ARGS__)    \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::BFloat16, __VA_ARGS__))
+// The dtype dispatch of ATen's AT_DISPATCH_* on the stable ABI: the lambda sees scalar_t.
+#define VQK_CASE(TYPE, ...) THO_DISPATCH_CASE(::vqkernels::ScalarType::TYPE, __VA_ARGS__)
+#define VQK_CASES_FLOAT_DOUBLE(...) VQK_CASE(Float, __VA_ARGS__) VQK_CASE(Double, __VA_ARGS__)
+#define VQK_CASES_FLOATING(...) \
+  VQK_CASES_FLOAT_DOUBLE(__VA_ARGS__) VQK_CASE(Half, __VA_ARGS__) VQK_CASE(BFloat16, __VA_ARGS__)
+#define VQK_CASES_INTEGRAL(...)                                                          \
+  VQK_CASE(Byte, __VA_ARGS__) VQK_CASE(Char, __VA_ARGS__) VQK_CASE(Short, __VA_ARGS__) \
+  VQK_CASE(Int, __VA_ARGS__) VQK_CASE(Long, __VA_ARGS__)
 
-// float and double only (AT_DISPATCH_FLOATING_TYPES).
-#define VQK_DISPATCH_FLOAT_DOUBLE(TYPE, NAME, ...)                                     \
-  THO_DISPATCH_SWITCH(TYPE, NAME,                                                      \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Float, __VA_ARGS__)   \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Double, __VA_ARGS__))
-
-// The same as VQK_DISPATCH_FLOATING, and the integer types (AT_DISPATCH_ALL_TYPES_AND2).
-#define VQK_DISPATCH_FLOATING_AND_INTEGRAL(TYPE, NAME, ...)                            \
-  THO_DISPATCH_SWITCH(TYPE, NAME,                                                      \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Float, __VA_ARGS__)   \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Double, __VA_ARGS__)  \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Half, __VA_ARGS__)    \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::BFloat16, __VA_ARGS__) \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Byte, __VA_ARGS__)    \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Char, __VA_ARGS__)    \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Short, __VA_ARGS__)   \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Int, __VA_ARGS__)     \
-                      THO_DISPATCH_CASE(::vqkernels::ScalarType::Long, __VA_ARGS__))
+// float and double (AT_DISPATCH_FLOATING_TYPES).
+#define VQK_DISPATCH_FLOAT_DOUBLE(TYPE, NAME, ...) \
+  THO_DISPATCH_SWITCH(TYPE, NAME, VQK_CASES_FLOAT_DOUBLE(__VA_ARGS__))
+// and float16, bfloat16 (AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16, ...)).
+#define VQK_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  THO_DISPATCH_SWITCH(TYPE, NAME, VQK_CASES_FLOATING(__VA_ARGS__))
+// and the integer types (AT_DISPATCH_ALL_TYPES_AND2(kHalf, kBFloat16, ...)).
+#define VQK_DISPATCH_FLOATING_AND_INTEGRAL(TYPE, NAME, ...) \
+  THO_DISPATCH_SWITCH(TYPE, NAME, VQK_CASES_FLOATING(__VA_ARGS__) VQK_CASES_INTEGRAL(__VA_ARGS__))

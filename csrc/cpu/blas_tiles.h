@@ -9,7 +9,6 @@
 // stride 0), a tile goes through aten::mm instead, alpha and beta applied here:
 // the stable ABI cannot pass addmm_'s Scalar arguments.
 #include <algorithm>
-#include <array>
 #include <climits>
 #include <cstdint>
 #include <type_traits>

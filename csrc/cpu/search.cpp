@@ -170,13 +170,6 @@ void search_block_direct(const Problem<T, Acc>& p, const Acc* staged, int64_t ti
   finish_rows(p, r0, rows, s.best.data(), s.best_k.data());
 }
 
-// A (rows, cols) CPU tensor over memory the caller owns, `ld` elements between rows.
-template <typename E>
-Tensor cpu_matrix(const E* data, int64_t rows, int64_t cols, int64_t ld) {
-  return torch::stable::from_blob(const_cast<E*>(data), {rows, cols}, {ld, 1}, DeviceType::CPU,
-                                  torch::headeronly::CppTypeToScalarType<E>::value);
-}
-
 // Rows of a T matrix as an Acc matrix for BLAS: src itself when T is Acc, else converted
 // into `buffer` (by torch's vectorized copy_, single-threaded here).
 template <typename T, typename Acc>
@@ -184,8 +177,9 @@ const Acc* as_acc(const T* src, int64_t rows, int64_t dim, std::vector<Acc>& buf
   if constexpr (std::is_same_v<T, Acc>) {
     return src;
   } else {
-    Tensor out = cpu_matrix(buffer.data(), rows, dim, dim);
-    torch::stable::copy_(out, cpu_matrix(src, rows, dim, dim));
+    // The rows viewed as the column-major (dim x rows) matrices they also are.
+    Tensor out = as_tensor(buffer.data(), dim, rows, dim, false);
+    torch::stable::copy_(out, as_tensor(src, dim, rows, dim, false));
     return buffer.data();
   }
 }

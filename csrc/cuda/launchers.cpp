@@ -1,8 +1,6 @@
 // Tensor-facing launchers of the CUDA kernels (torch's stable ABI): tensors in, raw pointers
 // out. Compiled by the host compiler; the kernels themselves live in the .cu files.
-#include <array>
-#include <map>
-#include <mutex>
+#include <utility>
 
 #include "common/checks.h"
 #include "cuda_check.h"
@@ -20,18 +18,12 @@ Tensor cpu_scalar(int64_t value) {
   return t;
 }
 
-// A device's properties, read once (cudaGetDeviceProperties is slow).
-const cudaDeviceProp& device_properties(DeviceIndex device) {
-  static std::mutex mutex;
-  static std::map<DeviceIndex, cudaDeviceProp> cache;  // a node's address never changes
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    cudaDeviceProp props;
-    VQK_CUDA_CHECK(cudaGetDeviceProperties(&props, device));
-    it = cache.emplace(device, props).first;
-  }
-  return it->second;
+// A device's compute capability (major, minor), from the CUDA runtime.
+std::pair<int, int> compute_capability(DeviceIndex device) {
+  int major = 0, minor = 0;
+  VQK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  VQK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return {major, minor};
 }
 
 }  // namespace
@@ -294,9 +286,8 @@ std::tuple<Tensor, Tensor> attention_forward_cuda(const Tensor& q, const Tensor&
   VQK_CHECK(sq <= cuda::kMaxAttentionLength && sk <= cuda::kMaxAttentionLength,
             "attention on CUDA takes sequences of at most ", cuda::kMaxAttentionLength,
             " tokens, got q ", sizes(q), ", k ", sizes(k));
-  const cudaDeviceProp& props = device_properties(q.get_device_index());
-  VQK_CHECK(props.major >= 8, "attention on CUDA needs sm_80 or newer, got sm_", props.major,
-            props.minor);
+  const auto [major, minor] = compute_capability(q.get_device_index());
+  VQK_CHECK(major >= 8, "attention on CUDA needs sm_80 or newer, got sm_", major, minor);
   Tensor out = new_empty(q, {b, h, sq, d});
   Tensor lse = new_empty(q, {b, h, sq}, ScalarType::Float);
   const cudaError_t status = cuda::launch_attention_forward(
