@@ -172,5 +172,7 @@ std::tuple<Tensor, Tensor> gated_residual_backward_cuda(const Tensor& grad, cons
 // Build facts, for vqkernels.info().
 bool built_with_cuda();
 bool built_with_openmp();
+// Whether this processor's fp32 CPU searches take the bf16 screen (cpu/search_screen.h).
+bool cpu_search_screens();
 
 }  // namespace vqkernels

@@ -56,6 +56,7 @@ int add_build_facts(PyObject* module) {
       !PyModule_AddStringConstant(module, "torch_version", VQKERNELS_TORCH_VERSION) &&
       !PyModule_AddStringConstant(module, "torch_target", VQKERNELS_TORCH_TARGET) &&
       !PyModule_AddIntConstant(module, "openmp", vqkernels::built_with_openmp()) &&
+      !PyModule_AddIntConstant(module, "cpu_search_screen", vqkernels::cpu_search_screens()) &&
       !PyModule_AddIntConstant(module, "cuda", vqkernels::built_with_cuda()) &&
       !PyModule_AddStringConstant(module, "cuda_version", VQKERNELS_CUDA_VERSION) &&
       !PyModule_AddStringConstant(module, "cuda_archs", VQKERNELS_CUDA_ARCHS);

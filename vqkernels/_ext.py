@@ -91,16 +91,18 @@ if LOAD_ERROR is not None:
                   RuntimeWarning, stacklevel=2)
 
 BUILD_FACTS = ("version", "torch_version", "torch_target", "openmp", "cuda", "cuda_version",
-               "cuda_archs")
+               "cuda_archs", "cpu_search_screen")
+FLAGS = ("openmp", "cuda", "cpu_search_screen")
 
 
 def build_info() -> dict:
-    """What the extension was built with (empty when it is not loaded): the module's
-    attributes, flags as bools."""
+    """What the extension was built with, and whether its fp32 CPU search screens with bf16
+    products on this processor (empty when it is not loaded): the module's attributes,
+    flags as bools."""
     if _C is None:
         return {}
     info = {key: getattr(_C, key) for key in BUILD_FACTS}
-    return {**info, "openmp": bool(info["openmp"]), "cuda": bool(info["cuda"])}
+    return {**info, **{flag: bool(info[flag]) for flag in FLAGS}}
 
 
 @functools.cache

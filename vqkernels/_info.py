@@ -42,6 +42,10 @@ def _op_dispatches():
     }
 
 
+# How the C++ CPU search ranks fp32 codes on this processor (csrc/cpu/search_screen.h).
+SEARCH_PATHS = {True: "bf16 screen + fp32 re-score (AVX512-BF16)", False: "fp32 GEMM"}
+
+
 def _devices() -> list[torch.device]:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
@@ -118,7 +122,8 @@ def format_info(data: dict) -> str:
                 if ext["cuda"] else "CUDA kernels: no")
         lines.append(f"extension vqkernels._C: built with torch {ext['torch_version']} for torch "
                      f">= {ext['torch_target']} (stable ABI); "
-                     f"C++ CPU kernels: yes (OpenMP: {'yes' if ext['openmp'] else 'no'}); {cuda}")
+                     f"C++ CPU kernels: yes (OpenMP: {'yes' if ext['openmp'] else 'no'}; "
+                     f"fp32 search: {SEARCH_PATHS[ext['cpu_search_screen']]}); {cuda}")
     if data["backend_env"]:
         lines.append(f"{ENV_VAR}={data['backend_env']}")
     for op, per_device in data["ops"].items():

@@ -19,6 +19,8 @@
 #define VQK_X86_SIMD 1
 #define VQK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #define VQK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define VQK_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma")))
 #endif
 #define VQK_TARGET_BASELINE
 #define VQK_ALWAYS_INLINE inline __attribute__((always_inline))

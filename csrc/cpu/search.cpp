@@ -5,9 +5,10 @@
 // bounded per-thread tiles. Math in fp32 (fp64 for fp64 input) whatever the precision mode.
 // Small D (<= kDirectMaxDim) scans a staged, transposed codebook with a register-blocked
 // SIMD loop, one FMA per (row, code, dim), each lane keeping its own (min, argmin); larger D
-// takes a single-threaded GEMM per (row tile x code tile), folded into the lanes. The
-// residual search runs the same block search once a stage on the block's residual, which
-// stays in the thread's buffer between stages.
+// takes a single-threaded GEMM per (row tile x code tile), folded into the lanes; on a CPU
+// with AVX512-BF16, fp32 ranking screens each tile with bf16 products instead and re-scores
+// the candidates in fp32 (search_screen.h). The residual search runs the same block search
+// once a stage on the block's residual, which stays in the thread's buffer between stages.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -20,6 +21,7 @@
 #include "cpu/blas_tiles.h"
 #include "cpu/parallel.h"
 #include "cpu/search_lanes.h"
+#include "cpu/search_screen.h"
 #include "vqkernels.h"
 
 namespace vqkernels {
@@ -44,11 +46,30 @@ struct Problem {
   MicroKernels<Acc> mk;
 };
 
-// Lanes -> one (index), then the exact distance of the winner.
+// Row n's result once code k won: the exact distance to it, or, where that is not finite
+// (NaN / Inf / overflow: the expanded score ranks such rows differently from the exact
+// distance), the code the exact distance picks (rare rows).
+template <typename T, typename Acc>
+void finish_row(const Problem<T, Acc>& p, int64_t n, int64_t k) {
+  const auto load = [](T x) { return static_cast<Acc>(x); };
+  const T* zn = p.z + n * p.dim;
+  Acc distance = common::squared_distance<Acc>(zn, p.e + k * p.dim, p.dim, load);
+  if (!std::isfinite(distance)) {
+    Acc best_distance = std::numeric_limits<Acc>::infinity();
+    k = 0;
+    for (int64_t c = 0; c < p.k; ++c)
+      common::update_best(common::squared_distance<Acc>(zn, p.e + c * p.dim, p.dim, load), c,
+                          best_distance, k);
+    distance = common::squared_distance<Acc>(zn, p.e + k * p.dim, p.dim, load);
+  }
+  p.indices[n] = k;
+  p.distances[n] = distance;
+}
+
+// Lanes -> one (index) a row, then finish_row.
 template <typename T, typename Acc>
 void finish_rows(const Problem<T, Acc>& p, int64_t r0, int64_t rows, const Acc* best,
                  const IndexOf<Acc>* best_k) {
-  const auto load = [](T x) { return static_cast<Acc>(x); };
   for (int64_t r = 0; r < rows; ++r) {
     const Acc* b = best + r * p.mk.width;
     const IndexOf<Acc>* bk = best_k + r * p.mk.width;
@@ -62,21 +83,7 @@ void finish_rows(const Problem<T, Acc>& p, int64_t r0, int64_t rows, const Acc* 
       Acc best_score = std::numeric_limits<Acc>::infinity();
       for (int l = 0; l < p.mk.width; ++l) common::merge_best(b[l], int64_t{bk[l]}, best_score, k);
     }
-    const int64_t n = r0 + r;
-    const T* zn = p.z + n * p.dim;
-    Acc distance = common::squared_distance<Acc>(zn, p.e + k * p.dim, p.dim, load);
-    if (!std::isfinite(distance)) {
-      // NaN / Inf / overflow: the expanded score ranks such rows differently
-      // from the exact distance, so decide them by the distance (rare rows).
-      Acc best_distance = std::numeric_limits<Acc>::infinity();
-      k = 0;
-      for (int64_t c = 0; c < p.k; ++c)
-        common::update_best(common::squared_distance<Acc>(zn, p.e + c * p.dim, p.dim, load), c,
-                            best_distance, k);
-      distance = common::squared_distance<Acc>(zn, p.e + k * p.dim, p.dim, load);
-    }
-    p.indices[n] = k;
-    p.distances[n] = distance;
+    finish_row(p, r0 + r, k);
   }
 }
 
@@ -111,30 +118,32 @@ std::vector<Acc> stage_codebook(const Problem<T, Acc>& p, int64_t tile) {
 
 // How a search over D cuts its rows into blocks (enough for every thread, no
 // more rows than the path's tiles want) and, on the direct path, its codes
-// into staged tiles.
+// into staged tiles; whether the GEMM path screens (fp32 ranking, search_screen.h).
 struct Plan {
-  bool direct;
+  bool direct, screen;
   int64_t block_rows, tile;
 };
 
 template <typename Acc>
 Plan plan_search(int64_t n, int64_t dim, const MicroKernels<Acc>& mk) {
   const bool direct = dim <= kDirectMaxDim;
+  const bool screen = !direct && std::is_same_v<Acc, float> && screen_available();
   const int64_t per_thread = round_up(ceil_div(n, torch::stable::get_num_threads()), 8);
   const int64_t block_rows = std::max<int64_t>(1, std::min(direct ? kDirectRows : kGemmRows,
                                                            per_thread));
   const int64_t code_bytes = (dim + 1) * static_cast<int64_t>(sizeof(Acc));
   const int64_t tile = std::max<int64_t>(mk.codes, kDirectTileBytes / code_bytes / mk.codes *
                                                        mk.codes);
-  return {direct, block_rows, tile};
+  return {direct, screen, block_rows, tile};
 }
 
 // A thread's buffers for the blocks of one plan: z rows converted (or padded
-// to the register block), a converted code tile, a GEMM tile, the lanes.
+// to the register block), a converted code tile, a GEMM tile, the lanes; or the screen's.
 template <typename Acc>
 struct Scratch {
   std::vector<Acc> zs, es, dots, sq, best;
   std::vector<IndexOf<Acc>> best_k;
+  ScreenRows screen;
   template <typename T>
   Scratch(const Plan& plan, int64_t dim, const MicroKernels<Acc>& mk, T*) {
     constexpr bool convert = !std::is_same_v<T, Acc>;
@@ -143,6 +152,9 @@ struct Scratch {
     best_k.resize(lanes);
     if (plan.direct) {
       zs.resize(rows * dim);
+    } else if (plan.screen) {
+      zs.resize(convert ? plan.block_rows * dim : 0);
+      screen.masks.resize(round_up(plan.block_rows, kScreenRows) * kGemmCodes / kScreenCodes);
     } else {
       zs.resize(convert ? plan.block_rows * dim : 0);
       es.resize(convert ? kGemmCodes * dim : 0);
@@ -204,32 +216,72 @@ void search_block_gemm(const Problem<T, Acc>& p, int64_t r0, int64_t rows, Scrat
   finish_rows(p, r0, rows, s.best.data(), s.best_k.data());
 }
 
+// Rows [r0, r0 + rows) of an fp32-ranked p against every code, screened a GEMM tile of
+// codes at a time (search_screen.h): bf16 products, then fp32 scores of the candidates.
+template <typename T>
+void search_block_screen(const Problem<T, float>& p, const ScreenCodes& codes, int64_t r0,
+                         int64_t rows, Scratch<float>& s) {
+  const float* zt = as_acc(p.z + r0 * p.dim, rows, p.dim, s.zs);
+  prepare_screen_rows(zt, rows, p.dim, s.screen);
+  const int64_t padded = round_up(rows, kScreenRows);
+  for (int64_t k0 = 0; k0 < p.k; k0 += kGemmCodes) {
+    const int64_t kt = std::min(kGemmCodes, p.k - k0);
+    screen_tile(codes, k0, kt, s.screen, padded);
+    rescore_candidates(zt, p.e, p.sqnorm, p.dim, rows, k0, kt, s.screen);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    finish_row(p, r0 + r, common::search_key_index(s.screen.best[r]));
+}
+
+// A codebook made ready for the plan's path once a call: the direct path's staged
+// tiles or the screen's bf16 codes (else nothing).
+template <typename Acc>
+struct PreparedCodes {
+  std::vector<Acc> staged;
+  ScreenCodes screen;
+};
+
 template <typename T, typename Acc>
-void search_block(const Problem<T, Acc>& p, const Plan& plan, const std::vector<Acc>& staged,
+PreparedCodes<Acc> prepare_codes(const Problem<T, Acc>& p, const Plan& plan) {
+  PreparedCodes<Acc> prepared;
+  if (plan.direct) prepared.staged = stage_codebook(p, plan.tile);
+  if constexpr (std::is_same_v<Acc, float>)
+    if (plan.screen) prepared.screen = pack_screen_codes(p.e, p.sqnorm, p.k, p.dim);
+  return prepared;
+}
+
+template <typename T, typename Acc>
+void search_block(const Problem<T, Acc>& p, const Plan& plan, const PreparedCodes<Acc>& codes,
                   int64_t r0, int64_t rows, Scratch<Acc>& s) {
-  if (plan.direct) search_block_direct(p, staged.data(), plan.tile, r0, rows, s);
-  else search_block_gemm(p, r0, rows, s);
+  if (plan.direct) {
+    search_block_direct(p, codes.staged.data(), plan.tile, r0, rows, s);
+  } else if constexpr (std::is_same_v<Acc, float>) {
+    if (plan.screen) search_block_screen(p, codes.screen, r0, rows, s);
+    else search_block_gemm(p, r0, rows, s);
+  } else {
+    search_block_gemm(p, r0, rows, s);
+  }
 }
 
 template <typename T, typename Acc>
 void search(const Problem<T, Acc>& p) {
   const Plan plan = plan_search(p.n, p.dim, p.mk);
-  const std::vector<Acc> staged = plan.direct ? stage_codebook(p, plan.tile) : std::vector<Acc>{};
+  const PreparedCodes<Acc> codes = prepare_codes(p, plan);
   torch::stable::parallel_for(0, ceil_div(p.n, plan.block_rows), 1, [&](int64_t b0, int64_t b1) {
     Scratch<Acc> scratch(plan, p.dim, p.mk, static_cast<T*>(nullptr));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * plan.block_rows;
-      search_block(p, plan, staged, r0, std::min(plan.block_rows, p.n - r0), scratch);
+      search_block(p, plan, codes, r0, std::min(plan.block_rows, p.n - r0), scratch);
     }
   });
 }
 
 // One codebook of a residual search as the search reads it: Acc codes (a view
-// when the input is Acc), their ||e||^2 and, on the direct path, the staged tiles.
+// when the input is Acc), their ||e||^2 and what the plan's path prepares.
 template <typename Acc>
 struct Stage {
   Tensor codes, sqnorm;
-  std::vector<Acc> staged;
+  PreparedCodes<Acc> prepared;
 };
 
 // Each block of rows goes through every stage while its residual stays in the
@@ -254,7 +306,7 @@ void residual_search(const T* z, int64_t n, int64_t dim, const std::vector<Stage
         const Problem<Acc, Acc> p{residual.data(), cdata<Acc>(stage.codes),
                                   cdata<Acc>(stage.sqnorm), rows,
                                   stage.codes.size(0), dim, chosen.data(), distances.data(), mk};
-        search_block(p, plan, stage.staged, 0, rows, scratch);
+        search_block(p, plan, stage.prepared, 0, rows, scratch);
         for (int64_t r = 0; r < rows; ++r) {
           const Acc* code = p.e + chosen[r] * dim;
           Acc* res = residual.data() + r * dim;
@@ -283,6 +335,8 @@ Tensor ranking_sqnorm(const Tensor& codes, const Tensor& given, bool fp64) {
 }
 
 }  // namespace
+
+bool cpu_search_screens() { return screen_available(); }
 
 std::tuple<Tensor, Tensor> nearest_code_cpu(const Tensor& z, const Tensor& codebook,
                                             const Tensor& codebook_sqnorm,
@@ -328,13 +382,10 @@ std::tuple<Tensor, Tensor> residual_nearest_code_cpu(const Tensor& z,
     for (int64_t q = 0; q < num_stages; ++q) {
       Tensor codes = contiguous(torch::stable::to(codebooks[q], acc_type));
       Tensor sqnorm = ranking_sqnorm(codes, codebook_sqnorms[q], fp64);
-      std::vector<Acc> staged;
-      if (plan.direct) {
-        const Problem<Acc, Acc> p{nullptr, cdata<Acc>(codes), cdata<Acc>(sqnorm), 0,
-                                  codes.size(0), dim, nullptr, nullptr, mk};
-        staged = stage_codebook(p, plan.tile);
-      }
-      stages.push_back({std::move(codes), std::move(sqnorm), std::move(staged)});
+      const Problem<Acc, Acc> p{nullptr, cdata<Acc>(codes), cdata<Acc>(sqnorm), 0,
+                                codes.size(0), dim, nullptr, nullptr, mk};
+      PreparedCodes<Acc> prepared = prepare_codes(p, plan);
+      stages.push_back({std::move(codes), std::move(sqnorm), std::move(prepared)});
     }
     residual_search(cdata<scalar_t>(zc), n, dim, stages, plan, mk, data<int64_t>(indices),
                     data<scalar_t>(quantized));

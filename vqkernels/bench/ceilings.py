@@ -85,7 +85,7 @@ def gpu_ceilings(device: torch.device) -> dict:
 
 
 def cpu_ceilings(device: torch.device) -> dict:
-    """Measured fp32 GEMM FLOP/s, DRAM copy bandwidth and the cache levels above it.
+    """Measured fp32 and bf16 GEMM FLOP/s, DRAM copy bandwidth and the cache levels above it.
 
     All at the thread count the kernels use: the GEMM is large enough to reach
     the BLAS's steady state; copy bandwidth is measured for a buffer that fits
@@ -104,7 +104,8 @@ def cpu_ceilings(device: torch.device) -> dict:
         levels.append({"name": "L3", "bytes": _cache_bytes(3), "bandwidth": max(l3, dram)})
     return {"device": device_name(device), "source": "measured", "memory": CPU_MEMORY,
             "levels": levels, "bandwidth": dram,
-            "flops": {"fp32": measure_cpu_gemm_flops(_CPU_GEMM_N)}}
+            "flops": {name: measure_cpu_gemm_flops(_CPU_GEMM_N, dtype)
+                      for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}}
 
 
 def _cache_bytes(level: int) -> int:
@@ -149,10 +150,10 @@ def measure_cpu_copy_bandwidth(buffer_bytes: int) -> float:
     return 2 * src.numel() * 4 * repeats / _best_wall_seconds(copies)
 
 
-def measure_cpu_gemm_flops(n: int) -> float:
-    """FLOP/s of an n x n x n fp32 matmul at ``torch.get_num_threads()`` threads, best of a few."""
-    a, b = torch.rand(n, n), torch.rand(n, n)
-    out = torch.empty(n, n)
+def measure_cpu_gemm_flops(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n x n x n matmul at ``torch.get_num_threads()`` threads, best of a few."""
+    a, b = torch.rand(n, n, dtype=dtype), torch.rand(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     return 2 * n**3 / _best_wall_seconds(lambda: torch.mm(a, b, out=out))
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vqkernels.bench.cases import REFERENCE, Case
+from vqkernels.bench.search import flop_dtype as search_flop_dtype
 from vqkernels.nn import VectorQuantize, VectorQuantizer
 from vqkernels.nn.quantizer import _TamingQuantizerBase
 
@@ -97,4 +98,5 @@ def _case(kind, n, k, d, modules, x, upstream, loss_at) -> Case:
     fns = {name: functools.partial(train_step, module.train(), x, upstream, loss_at)
            for name, module in modules.items()}
     return Case(op="quantizer", shape=f"{kind}-train-N{n}xK{k}xD{d}", fns=fns,
-                bytes=4 * (4 * n * d + k * d), flops=2 * n * k * d, flop_dtype="fp32")
+                bytes=4 * (4 * n * d + k * d), flops=2 * n * k * d,
+                flop_dtype=search_flop_dtype(x.device, "ieee", d))

@@ -29,6 +29,7 @@ import torch
 
 from vqkernels.bench.cases import REFERENCE, Case, usable_backends
 from vqkernels.bench.quantizer import train_step
+from vqkernels.bench.search import flop_dtype as search_flop_dtype
 from vqkernels.bench.search import matmul_argmin
 from vqkernels.nn import ResidualVQ
 from vqkernels import ops
@@ -78,7 +79,7 @@ def _search_case(device, q, k, d, b, t) -> Case:
         fns[name] = functools.partial(residual.residual_nearest_code, z, books, backend=name)
     return Case(op="rvq", shape=f"search-Q{q}xN{n}xK{k}xD{d}", fns=fns,
                 bytes=4 * (2 * n * d + q * k * d) + 8 * n * q, flops=2 * q * n * k * d,
-                flop_dtype="fp32", baselines=(STAGE_LOOP,))
+                flop_dtype=search_flop_dtype(device, "ieee", d), baselines=(STAGE_LOOP,))
 
 
 def _ema_case(device, q, k, d) -> Case:
@@ -117,4 +118,5 @@ def _train_case(device, q, k, d, b, t) -> Case:
     fns = {name: functools.partial(train_step, module.train(), x, upstream, 2)
            for name, module in ((REFERENCE, baseline), ("vqkernels", fast))}
     return Case(op="rvq", shape=f"train-Q{q}xN{n}xK{k}xD{d}", fns=fns,
-                bytes=4 * (4 * n * d + q * k * d), flops=2 * q * n * k * d, flop_dtype="fp32")
+                bytes=4 * (4 * n * d + q * k * d), flops=2 * q * n * k * d,
+                flop_dtype=search_flop_dtype(device, "ieee", d))

@@ -16,6 +16,7 @@ import importlib.util
 
 import torch
 
+from vqkernels import _ext
 from vqkernels.bench.cases import REFERENCE, Case, usable_backends
 from vqkernels.ops import ema, search
 
@@ -25,6 +26,17 @@ CPU_SHAPES = ((16384, 1024, 256), (16384, 16384, 8))
 GPU_PRECISIONS = ((torch.bfloat16, "bf16"), (torch.float32, "tf32"), (torch.float32, "ieee"))
 FLOP_CEILING = {"ieee": "fp32", "tf32": "tf32", "bf16": "bf16"}
 FAISS = "faiss-flat"
+CPU_DIRECT_MAX_DIM = 16  # csrc/cpu/search.cpp kDirectMaxDim: above it, the GEMM path
+
+
+def flop_dtype(device: torch.device, precision: str, dim: int) -> str:
+    """The FLOP/s ceiling a search is held to: its precision's, except on a CPU whose C++
+    search screens with bf16 products (D > 16; csrc/cpu/search_screen.h), where they run
+    at the bf16 rate."""
+    if (device.type == "cpu" and dim > CPU_DIRECT_MAX_DIM
+            and _ext.build_info().get("cpu_search_screen")):
+        return "bf16"
+    return FLOP_CEILING[precision]
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -70,7 +82,7 @@ def _case(device, n, k, d, dtype, precision) -> Case:
     size = z.element_size()
     return Case(op="search", shape=f"N{n}xK{k}xD{d}-{precision}", fns=fns,
                 bytes=(n + k) * d * size + n * (8 + 4), flops=2 * n * k * d,
-                flop_dtype=FLOP_CEILING[precision], baselines=baselines)
+                flop_dtype=flop_dtype(device, precision, d), baselines=baselines)
 
 
 def faiss_flat_search(z: torch.Tensor, codebook: torch.Tensor):
@@ -111,7 +123,7 @@ def _stats_case(device, n, k, d, dtype) -> Case:
     size = z.element_size()
     return Case(op="search", shape=f"N{n}xK{k}xD{d}-{precision}-with-stats", fns=fns,
                 bytes=(n + k) * d * size + n * (8 + 4) + k * (d + 1) * 4, flops=2 * n * k * d,
-                flop_dtype=FLOP_CEILING[precision])
+                flop_dtype=flop_dtype(device, precision, d))
 
 
 def _at_precision(fn, precision, *args):
