@@ -46,21 +46,38 @@ struct Problem {
   MicroKernels<Acc> mk;
 };
 
+// sum_d (a_d - b_d)^2 in Acc: 16 running sums, then their pairwise total (independent
+// sums, so the loop vectorizes; the order is fixed, so a pair always gets the same bits).
+template <typename Acc, typename T>
+Acc squared_distance(const T* a, const T* b, int64_t dim) {
+  constexpr int kLanes = 16;
+  Acc lanes[kLanes] = {};
+  const auto term = [&](int64_t d) {
+    const Acc diff = static_cast<Acc>(a[d]) - static_cast<Acc>(b[d]);
+    return diff * diff;
+  };
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += term(d + l);
+  for (int l = 0; d < dim; ++d, ++l) lanes[l] += term(d);
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+}
+
 // Row n's result once code k won: the exact distance to it, or, where that is not finite
 // (NaN / Inf / overflow: the expanded score ranks such rows differently from the exact
 // distance), the code the exact distance picks (rare rows).
 template <typename T, typename Acc>
 void finish_row(const Problem<T, Acc>& p, int64_t n, int64_t k) {
-  const auto load = [](T x) { return static_cast<Acc>(x); };
   const T* zn = p.z + n * p.dim;
-  Acc distance = common::squared_distance<Acc>(zn, p.e + k * p.dim, p.dim, load);
+  Acc distance = squared_distance<Acc>(zn, p.e + k * p.dim, p.dim);
   if (!std::isfinite(distance)) {
     Acc best_distance = std::numeric_limits<Acc>::infinity();
     k = 0;
     for (int64_t c = 0; c < p.k; ++c)
-      common::update_best(common::squared_distance<Acc>(zn, p.e + c * p.dim, p.dim, load), c,
-                          best_distance, k);
-    distance = common::squared_distance<Acc>(zn, p.e + k * p.dim, p.dim, load);
+      common::update_best(squared_distance<Acc>(zn, p.e + c * p.dim, p.dim), c, best_distance, k);
+    distance = squared_distance<Acc>(zn, p.e + k * p.dim, p.dim);
   }
   p.indices[n] = k;
   p.distances[n] = distance;

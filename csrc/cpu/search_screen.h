@@ -122,6 +122,40 @@ struct ScreenRows {
   std::vector<uint64_t> masks;  // [row][register block of the tile]: candidate bits
 };
 
+#ifdef VQK_X86_SIMD
+// Row r of z as bf16 pairs (VCVTNE2PS2BF16: round to nearest even, denormals flushed, which
+// the bound's 2^-120 terms cover) and its sum of squares in fp64, 32 elements at a time.
+VQK_TARGET_AVX512_BF16 double pack_screen_row(const float* x, int64_t dim, uint32_t* pairs) {
+  __m512d sums[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
+                     _mm512_setzero_pd()};
+  const auto first = [](int64_t n) {
+    return static_cast<__mmask16>((uint32_t{1} << std::clamp<int64_t>(n, 0, 16)) - 1);
+  };
+  for (int64_t d = 0; d < dim; d += 32) {
+    const int64_t n = std::min<int64_t>(32, dim - d);
+    const __m512 lo = _mm512_maskz_loadu_ps(first(n), x + d);
+    const __m512 hi = _mm512_maskz_loadu_ps(first(n - 16), x + d + 16);
+    _mm512_mask_storeu_epi32(pairs + d / 2, first(ceil_div(n, 2)),
+                             (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    for (int i = 0; i < 4; ++i) {
+      const int64_t left = n - 8 * i;
+      const auto mask = static_cast<__mmask8>((1u << std::clamp<int64_t>(left, 0, 8)) - 1);
+      const __m512d part = __builtin_convertvector(_mm256_maskz_loadu_ps(mask, x + d + 8 * i),
+                                                   __m512d);
+      sums[i] = _mm512_fmadd_pd(part, part, sums[i]);
+    }
+  }
+  alignas(64) double lanes[8];
+  _mm512_store_pd(lanes, _mm512_add_pd(_mm512_add_pd(sums[0], sums[1]),
+                                       _mm512_add_pd(sums[2], sums[3])));
+  double sum = 0;
+  for (double lane : lanes) sum += lane;
+  return sum;
+}
+#else
+inline double pack_screen_row(const float*, int64_t, uint32_t*) { return 0; }
+#endif
+
 inline void prepare_screen_rows(const float* z, int64_t rows, int64_t dim, ScreenRows& s) {
   const int64_t pairs = ceil_div(dim, 2), padded = round_up(rows, kScreenRows);
   const double u = 0x1p-8, u32 = 0x1p-24, terms = 2.0 * pairs;
@@ -134,9 +168,8 @@ inline void prepare_screen_rows(const float* z, int64_t rows, int64_t dim, Scree
   s.threshold.assign(padded, std::numeric_limits<float>::infinity());
   s.best.assign(padded, common::initial_search_key());
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = z + r * dim;
-    for (int64_t p = 0; p < pairs; ++p) s.packed[r * pairs + p] = bf16_pair(row, dim, p);
-    const double norm = screen_norm(row, dim);
+    const double root = std::sqrt(pack_screen_row(z + r * dim, dim, s.packed.data() + r * pairs));
+    const double norm = root <= kScreenMaxNorm ? root : std::numeric_limits<double>::infinity();
     s.p[r] = static_cast<float>(1.01 * (2 * kappa + 4 * u32) * norm + tiny_root_d);
     s.q[r] = static_cast<float>(tiny_root_d * norm + kScreenTiny * terms);
   }
@@ -211,10 +244,16 @@ VQK_TARGET_AVX512_BF16 void screen_tile(const ScreenCodes& c, int64_t k0, int64_
 inline void screen_tile(const ScreenCodes&, int64_t, int64_t, ScreenRows&, int64_t) {}
 #endif
 
-// z.e in fp32: 16 running sums, then their pairwise total (an order independent of the block
-// or tile the pair was screened in).
+#ifdef VQK_X86_SIMD
+#define VQK_TARGET_SCREEN VQK_TARGET_AVX512_BF16
+#else
+#define VQK_TARGET_SCREEN
+#endif
+
+// z.e in fp32: 16 running sums (one AVX-512 vector), then their pairwise total, an order
+// independent of the block or tile the pair was screened in.
 template <typename T>
-float fp32_dot(const float* z, const T* e, int64_t dim) {
+VQK_TARGET_SCREEN VQK_ALWAYS_INLINE float fp32_dot(const float* z, const T* e, int64_t dim) {
   float lanes[kScreenLanes] = {};
   int64_t d = 0;
   for (; d + kScreenLanes <= dim; d += kScreenLanes)
@@ -227,8 +266,9 @@ float fp32_dot(const float* z, const T* e, int64_t dim) {
 
 // Each candidate of the tile at k0 scored in fp32 and merged into its row's best key.
 template <typename T>
-void rescore_candidates(const float* z, const T* e, const float* sqnorm, int64_t dim, int64_t rows,
-                        int64_t k0, int64_t count, ScreenRows& s) {
+VQK_TARGET_SCREEN void rescore_candidates(const float* z, const T* e, const float* sqnorm,
+                                          int64_t dim, int64_t rows, int64_t k0, int64_t count,
+                                          ScreenRows& s) {
   const int64_t blocks = ceil_div(count, kScreenCodes);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -241,6 +281,7 @@ void rescore_candidates(const float* z, const T* e, const float* sqnorm, int64_t
     }
   }
 }
+#undef VQK_TARGET_SCREEN
 
 }  // namespace
 }  // namespace vqkernels::cpu
