@@ -30,6 +30,7 @@
 #include "cpu/simd.h"
 
 #ifdef VQK_X86_SIMD
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -42,12 +43,17 @@ constexpr int64_t kScreenCodes = 64;  // codes of a register block: one candidat
 constexpr double kScreenMaxNorm = 0x1p60;
 constexpr double kScreenTiny = 0x1p-120;
 
-// Whether this process's searches screen: AVX-512 as torch's capability allows it
-// (ATEN_CPU_CAPABILITY=avx2 turns the screen off) and the BF16 dot products.
+// Whether this process's searches screen: AVX-512 as torch's capability allows it (which
+// checks the OS saves its registers; ATEN_CPU_CAPABILITY=avx2 turns the screen off) and the
+// BF16 dot products (CPUID leaf 7, subleaf 1, EAX bit 5: read directly, as compilers differ
+// in the names __builtin_cpu_supports knows).
 inline bool screen_available() {
 #ifdef VQK_X86_SIMD
-  static const bool available =
-      common::cpu_isa() == common::Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  static const bool available = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool bf16 = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5));
+    return bf16 && common::cpu_isa() == common::Isa::kAvx512;
+  }();
   return available;
 #else
   return false;
