@@ -12,6 +12,13 @@ BACKENDS = ["reference"] + (["cpu"] if _ext._C is not None else []) + [
     pytest.param("triton", marks=pytest.mark.interpreter)]
 CODES = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
 TABLE = ref_ddim.alphas_cumprod(ref_ddim.betas_for_schedule())
+# D = 2 as written; D = 40 pads with zero columns, which change no distance: the C++ GEMM
+# path, and its bf16 screen where the processor has one.
+DIMS = [2, 40]
+
+
+def widen(x, dim):
+    return torch.nn.functional.pad(x, (0, dim - x.shape[-1]))
 
 
 def same_nan(got, want):
@@ -19,22 +26,24 @@ def same_nan(got, want):
     torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nearest_code_rows_without_finite_distance_get_code_0(backend):
+def test_nearest_code_rows_without_finite_distance_get_code_0(backend, dim):
     z = torch.tensor([[NAN, 0.0], [0.9, 1.1], [INF, 0.0], [-INF, 0.0], [INF, INF], [2.1, 2.0]])
-    indices, distances = ops.nearest_code(z, CODES, backend=backend)
+    indices, distances = ops.nearest_code(widen(z, dim), widen(CODES, dim), backend=backend)
     assert indices.tolist() == [0, 1, 0, 0, 0, 2]
     assert distances[0].isnan() and not distances[2:5].isfinite().any()
     assert distances[[1, 5]].isfinite().all()
 
 
+@pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nearest_code_never_picks_a_nan_code(backend):
-    codes = torch.tensor([[NAN, 0.0], [1.0, 1.0], [INF, 2.0], [2.0, 2.0]])
-    z = torch.tensor([[0.9, 1.1], [2.1, 2.0], [0.0, 0.0]])
+def test_nearest_code_never_picks_a_nan_code(backend, dim):
+    codes = widen(torch.tensor([[NAN, 0.0], [1.0, 1.0], [INF, 2.0], [2.0, 2.0]]), dim)
+    z = widen(torch.tensor([[0.9, 1.1], [2.1, 2.0], [0.0, 0.0]]), dim)
     indices, distances = ops.nearest_code(z, codes, backend=backend)
     assert indices.tolist() == [1, 3, 1] and distances.isfinite().all()
-    all_nan = torch.full((3, 2), NAN)
+    all_nan = torch.full((3, dim), NAN)
     indices, distances = ops.nearest_code(z, all_nan, backend=backend)
     assert indices.tolist() == [0, 0, 0] and distances.isnan().all()
 
@@ -47,14 +56,15 @@ def test_cosine_search_of_non_finite_rows(backend):
     assert distances[2].isfinite()
 
 
+@pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_residual_search_of_non_finite_rows(backend):
-    books = [CODES, CODES[[2, 0, 1]] / 4]
-    z = torch.tensor([[NAN, 0.0], [1.2, 0.7], [INF, 0.0], [2.1, 2.0]])
+def test_residual_search_of_non_finite_rows(backend, dim):
+    books = [widen(CODES, dim), widen(CODES[[2, 0, 1]] / 4, dim)]
+    z = widen(torch.tensor([[NAN, 0.0], [1.2, 0.7], [INF, 0.0], [2.1, 2.0]]), dim)
     indices, quantized = ops.residual_nearest_code(z, books, backend=backend)
     finite = ops.residual_nearest_code(z[[1, 3]], books, backend=backend)
     assert indices[[0, 2]].eq(0).all()
-    assert torch.equal(quantized[[0, 2]], (books[0][0] + books[1][0]).expand(2, 2))
+    assert torch.equal(quantized[[0, 2]], (books[0][0] + books[1][0]).expand(2, dim))
     assert torch.equal(indices[[1, 3]], finite[0]) and torch.equal(quantized[[1, 3]], finite[1])
 
 

@@ -122,13 +122,14 @@ def test_other_cpu_isas(isa):
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
 
 
-def test_memory_is_not_n_by_k():
-    """N=65536, K=16384, D=8: an N x K fp32 matrix would be 4 GiB; allow < 64 MiB growth."""
-    code = """
+@pytest.mark.parametrize("dim", [8, 32])  # the direct path; GEMM tiles (or the bf16 screen)
+def test_memory_is_not_n_by_k(dim):
+    """N=65536, K=16384: an N x K fp32 matrix would be 4 GiB; allow < 64 MiB growth."""
+    code = f"""
         import resource, torch, vqkernels
         op = torch.ops.vqkernels.nearest_code
         g = torch.Generator().manual_seed(0)
-        z, e = torch.randn(65536, 8, generator=g), torch.randn(16384, 8, generator=g)
+        z, e = torch.randn(65536, {dim}, generator=g), torch.randn(16384, {dim}, generator=g)
         sq = e.square().sum(1)
         op(z[:4], e[:4], sq[:4], "ieee")  # one-time library and thread-pool setup
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
