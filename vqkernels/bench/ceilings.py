@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from vqkernels import _ext
+
 # Keyed by a substring of torch.cuda.get_device_name(); the most specific (longest) match wins.
 # An H100 NVL would match "H100" (the SXM numbers): it is not in this table yet.
 GPU_CEILINGS = {
@@ -85,7 +87,8 @@ def gpu_ceilings(device: torch.device) -> dict:
 
 
 def cpu_ceilings(device: torch.device) -> dict:
-    """Measured fp32 and bf16 GEMM FLOP/s, DRAM copy bandwidth and the cache levels above it.
+    """Measured GEMM FLOP/s (fp32; bf16 where the C++ search screens with it), DRAM copy
+    bandwidth and the cache levels above it.
 
     All at the thread count the kernels use: the GEMM is large enough to reach
     the BLAS's steady state; copy bandwidth is measured for a buffer that fits
@@ -105,7 +108,13 @@ def cpu_ceilings(device: torch.device) -> dict:
     return {"device": device_name(device), "source": "measured", "memory": CPU_MEMORY,
             "levels": levels, "bandwidth": dram,
             "flops": {name: measure_cpu_gemm_flops(_CPU_GEMM_N, dtype)
-                      for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}}
+                      for name, dtype in _cpu_flop_dtypes().items()}}
+
+
+def _cpu_flop_dtypes() -> dict[str, torch.dtype]:
+    """fp32, and bf16 where a CPU case is held to it: the search's bf16 screen."""
+    screen = _ext.build_info().get("cpu_search_screen")
+    return {"fp32": torch.float32, **({"bf16": torch.bfloat16} if screen else {})}
 
 
 def _cache_bytes(level: int) -> int:
