@@ -90,6 +90,24 @@ def test_cuda_kernel_opcheck(generator):
     torch.library.opcheck(torch.ops.vqkernels.ema_update_from_stats_stages.default, args)
 
 
+@pytest.mark.cuda
+def test_cuda_kernel_rejects_strided_statistics_and_float64_codebooks(generator):
+    """The C++ op reads counts and sums in place: a strided one must raise, not be read as
+    dense; a float64 codebook must raise before any stage's state changes."""
+    stages = make_stages(generator, device="cuda")
+    columns = [list(column) for column in zip(*(state for state, _ in stages))]
+    counts, sums = [c for _, (c, _) in stages], [s for _, (_, s) in stages]
+    op = torch.ops.vqkernels.ema_update_from_stats_stages
+    strided = [torch.stack([s, s], -1)[..., 0] for s in sums]
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(*columns, counts, strided, 0.9, 1e-5, False, 1)
+    before = [t.clone() for t in columns[0]]
+    with pytest.raises(RuntimeError, match="codebook must be float32"):
+        op(columns[0], columns[1], [c.double() for c in columns[2]], counts, sums, 0.9, 1e-5,
+           False, 1)
+    assert all(torch.equal(a, b) for a, b in zip(columns[0], before))
+
+
 def test_the_cuda_limit_is_the_kernels():
     header = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "kernels.h").read_text()
     assert f"kMaxEmaStages = {ema.CUDA_MAX_STAGES};" in header

@@ -133,6 +133,10 @@ void check_ema_state_cuda(const Tensor& cluster_size, const Tensor& embed_sum,
   VQK_CHECK(cluster_size.scalar_type() == ScalarType::Float &&
                 embed_sum.scalar_type() == ScalarType::Float,
             "cluster_size and embed_sum must be float32");
+  VQK_CHECK(codebook.scalar_type() == ScalarType::Float ||
+                codebook.scalar_type() == ScalarType::Half ||
+                codebook.scalar_type() == ScalarType::BFloat16,
+            "codebook must be float32, float16 or bfloat16 on CUDA, got ", codebook.scalar_type());
 }
 
 void check_ema_stats_cuda(const Tensor& cluster_size, const Tensor& embed_sum,
@@ -180,10 +184,6 @@ void run_ema_finalize(const Tensor& cluster_size, const Tensor& embed_sum,
                       const Tensor& codebook, const Tensor& counts, DType counts_dtype,
                       const Tensor& sums, double decay, double eps, bool bias_correction,
                       int64_t step) {
-  VQK_CHECK(codebook.scalar_type() == ScalarType::Float ||
-                codebook.scalar_type() == ScalarType::Half ||
-                codebook.scalar_type() == ScalarType::BFloat16,
-            "codebook must be float32, float16 or bfloat16 on CUDA, got ", codebook.scalar_type());
   const int64_t k = cluster_size.numel();
   Tensor total = new_empty(cluster_size, {1});
   VQK_CUDA_CHECK(cuda::launch_ema_finalize(
@@ -247,6 +247,8 @@ void ema_update_from_stats_stages_cuda(const std::vector<Tensor>& cluster_sizes,
   cuda::EmaStages stages{static_cast<int>(count), dim_size(embed_sums[0], -1), eps, {}};
   for (int64_t q = 0; q < count; ++q) {
     check_ema_stats_cuda(cluster_sizes[q], embed_sums[q], codebooks[q], counts[q], sums[q]);
+    VQK_CHECK(counts[q].is_contiguous() && sums[q].is_contiguous(),
+              "counts and sums must be contiguous");  // read in place, unlike the single update
     VQK_CHECK(cluster_sizes[q].device() == cluster_sizes[0].device() &&
                   embed_sums[q].size(1) == stages.dim &&
                   codebooks[q].scalar_type() == codebooks[0].scalar_type(),
