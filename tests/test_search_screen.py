@@ -71,3 +71,20 @@ def test_rows_and_codes_beyond_the_screens_range(scale):
     codebook[::5] *= scale
     z, codebook = z.float(), codebook.float()
     check_near_optimal("cpu", z, codebook, *run_kernel("cpu", z, codebook), f"scale {scale}")
+
+
+@pytest.mark.parametrize("d", [40, 256])
+def test_identical_codes_go_to_the_lowest_index(d):
+    """Every code a candidate: the block turns to fp32 GEMM tiles, and ties still go to the
+    lowest index, also across a screened tile (code 100) and GEMM tiles (from code 512)."""
+    g = torch.Generator().manual_seed(d)
+    near = torch.randn(d, generator=g)
+    codebook = torch.randn(1112, d, generator=g) + 50  # far codes, never candidates
+    codebook[512:] = near
+    z = near + 0.01 * torch.randn(300, d, generator=g)
+    indices, distances = run_kernel("cpu", z, codebook)
+    assert (indices == 512).all()
+    torch.testing.assert_close(distances, (z - near).square().sum(1))
+    codebook[100] = near
+    assert (run_kernel("cpu", z, codebook)[0] == 100).all()
+    assert (run_kernel("cpu", z, near.expand(1000, d))[0] == 0).all()

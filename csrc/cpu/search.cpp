@@ -34,6 +34,7 @@ constexpr int64_t kDirectRows = 1024;        // rows per block: their lane state
 constexpr int64_t kDirectTileBytes = 16384;  // transposed code tile, stays in L1
 constexpr int64_t kGemmRows = 256;           // GEMM tile: 256 x 512 outputs, in L2
 constexpr int64_t kGemmCodes = 512;
+constexpr int64_t kDenseRescore = 4;  // a screened tile with over 1/4 candidates: fp32 GEMM
 
 template <typename T, typename Acc>
 struct Problem {
@@ -169,14 +170,13 @@ struct Scratch {
     best_k.resize(lanes);
     if (plan.direct) {
       zs.resize(rows * dim);
-    } else if (plan.screen) {
-      zs.resize(convert ? plan.block_rows * dim : 0);
-      screen.masks.resize(round_up(plan.block_rows, kScreenRows) * kGemmCodes / kScreenCodes);
     } else {
       zs.resize(convert ? plan.block_rows * dim : 0);
       es.resize(convert ? kGemmCodes * dim : 0);
       dots.resize(plan.block_rows * kGemmCodes);  // zeros: the fold reads padding columns
       sq.resize(kGemmCodes);
+      if (plan.screen)
+        screen.masks.resize(round_up(plan.block_rows, kScreenRows) * kGemmCodes / kScreenCodes);
     }
   }
 };
@@ -244,6 +244,13 @@ void search_block_screen(const Problem<T, float>& p, const ScreenCodes& codes, i
   for (int64_t k0 = 0; k0 < p.k; k0 += kGemmCodes) {
     const int64_t kt = std::min(kGemmCodes, p.k - k0);
     screen_tile(codes, k0, kt, s.screen, padded);
+    if (count_candidates(s.screen, rows, kt) * kDenseRescore > rows * kt) {
+      // Mostly candidates (duplicate or equidistant codes): the fp32 GEMM path's tiles cost
+      // less than that many dot products one by one. The whole block goes that way, so that
+      // one computation scores all its pairs and exact ties still go to the lowest index.
+      search_block_gemm(p, r0, rows, s);
+      return;
+    }
     rescore_candidates(zt, p.e, p.sqnorm, p.dim, rows, k0, kt, s.screen);
   }
   for (int64_t r = 0; r < rows; ++r)

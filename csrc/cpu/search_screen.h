@@ -259,7 +259,7 @@ inline void screen_tile(const ScreenCodes&, int64_t, int64_t, ScreenRows&, int64
 // z.e in fp32: 16 running sums (one AVX-512 vector), then their pairwise total, an order
 // independent of the block or tile the pair was screened in.
 template <typename T>
-VQK_TARGET_SCREEN VQK_ALWAYS_INLINE float fp32_dot(const float* z, const T* e, int64_t dim) {
+VQK_TARGET_SCREEN float fp32_dot(const float* z, const T* e, int64_t dim) {
   float lanes[kScreenLanes] = {};
   int64_t d = 0;
   for (; d + kScreenLanes <= dim; d += kScreenLanes)
@@ -269,12 +269,20 @@ VQK_TARGET_SCREEN VQK_ALWAYS_INLINE float fp32_dot(const float* z, const T* e, i
     for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   return lanes[0];
 }
+#undef VQK_TARGET_SCREEN
+
+// The candidates of the tile [k0, k0 + count) over the block's rows.
+inline int64_t count_candidates(const ScreenRows& s, int64_t rows, int64_t count) {
+  const int64_t words = rows * ceil_div(count, kScreenCodes);
+  int64_t total = 0;
+  for (int64_t i = 0; i < words; ++i) total += __builtin_popcountll(s.masks[i]);
+  return total;
+}
 
 // Each candidate of the tile at k0 scored in fp32 and merged into its row's best key.
 template <typename T>
-VQK_TARGET_SCREEN void rescore_candidates(const float* z, const T* e, const float* sqnorm,
-                                          int64_t dim, int64_t rows, int64_t k0, int64_t count,
-                                          ScreenRows& s) {
+void rescore_candidates(const float* z, const T* e, const float* sqnorm, int64_t dim,
+                        int64_t rows, int64_t k0, int64_t count, ScreenRows& s) {
   const int64_t blocks = ceil_div(count, kScreenCodes);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -287,7 +295,6 @@ VQK_TARGET_SCREEN void rescore_candidates(const float* z, const T* e, const floa
     }
   }
 }
-#undef VQK_TARGET_SCREEN
 
 }  // namespace
 }  // namespace vqkernels::cpu
