@@ -18,7 +18,9 @@
 // nothing.
 //
 // A row or code with a norm above 2^60 (bf16 and fp32 products could overflow) or not finite
-// gets an infinite bound: it never lowers T and every pairing with it is re-scored.
+// gets an infinite bound: it never lowers T and every pairing with it is re-scored. A block of
+// rows whose tile is mostly candidates (duplicate or equidistant codes) runs the fp32 GEMM
+// path instead (search.cpp), which scores every pair at BLAS speed.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -129,7 +131,7 @@ struct ScreenRows {
 };
 
 #ifdef VQK_X86_SIMD
-// Row r of z as bf16 pairs (VCVTNE2PS2BF16: round to nearest even, denormals flushed, which
+// A row x as bf16 pairs (VCVTNE2PS2BF16: round to nearest even, denormals flushed, which
 // the bound's 2^-120 terms cover) and its sum of squares in fp64, 32 elements at a time.
 VQK_TARGET_AVX512_BF16 double pack_screen_row(const float* x, int64_t dim, uint32_t* pairs) {
   __m512d sums[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
