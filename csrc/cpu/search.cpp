@@ -47,23 +47,13 @@ struct Problem {
   MicroKernels<Acc> mk;
 };
 
-// sum_d (a_d - b_d)^2 in Acc: 16 running sums, then their pairwise total (independent
-// sums, so the loop vectorizes; the order is fixed, so a pair always gets the same bits).
+// sum_d (a_d - b_d)^2 in Acc (sum_in_lanes: a pair always gets the same bits).
 template <typename Acc, typename T>
 Acc squared_distance(const T* a, const T* b, int64_t dim) {
-  constexpr int kLanes = 16;
-  Acc lanes[kLanes] = {};
-  const auto term = [&](int64_t d) {
+  return sum_in_lanes<Acc>(dim, [&](int64_t d) {
     const Acc diff = static_cast<Acc>(a[d]) - static_cast<Acc>(b[d]);
     return diff * diff;
-  };
-  int64_t d = 0;
-  for (; d + kLanes <= dim; d += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += term(d + l);
-  for (int l = 0; d < dim; ++d, ++l) lanes[l] += term(d);
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  return lanes[0];
+  });
 }
 
 // Row n's result once code k won: the exact distance to it, or, where that is not finite

@@ -131,19 +131,21 @@ struct ScreenRows {
 };
 
 #ifdef VQK_X86_SIMD
+// A mask of the first n of 16 lanes (n clamped to [0, 16]).
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>((uint32_t{1} << std::clamp<int64_t>(n, 0, 16)) - 1);
+}
+
 // A row x as bf16 pairs (VCVTNE2PS2BF16: round to nearest even, denormals flushed, which
 // the bound's 2^-120 terms cover) and its sum of squares in fp64, 32 elements at a time.
 VQK_TARGET_AVX512_BF16 double pack_screen_row(const float* x, int64_t dim, uint32_t* pairs) {
   __m512d sums[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
                      _mm512_setzero_pd()};
-  const auto first = [](int64_t n) {
-    return static_cast<__mmask16>((uint32_t{1} << std::clamp<int64_t>(n, 0, 16)) - 1);
-  };
   for (int64_t d = 0; d < dim; d += 32) {
     const int64_t n = std::min<int64_t>(32, dim - d);
-    const __m512 lo = _mm512_maskz_loadu_ps(first(n), x + d);
-    const __m512 hi = _mm512_maskz_loadu_ps(first(n - 16), x + d + 16);
-    _mm512_mask_storeu_epi32(pairs + d / 2, first(ceil_div(n, 2)),
+    const __m512 lo = _mm512_maskz_loadu_ps(first_lanes(n), x + d);
+    const __m512 hi = _mm512_maskz_loadu_ps(first_lanes(n - 16), x + d + 16);
+    _mm512_mask_storeu_epi32(pairs + d / 2, first_lanes(ceil_div(n, 2)),
                              (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     for (int i = 0; i < 4; ++i) {
       const int64_t left = n - 8 * i;
@@ -195,10 +197,7 @@ VQK_TARGET_AVX512_BF16 void screen_tile(const ScreenCodes& c, int64_t k0, int64_
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t j0 = k0 + blk * kScreenCodes;
     __mmask16 real[4];
-    for (int v = 0; v < 4; ++v) {
-      const int64_t n = std::clamp<int64_t>(k0 + count - j0 - v * kScreenLanes, 0, kScreenLanes);
-      real[v] = static_cast<__mmask16>((uint32_t{1} << n) - 1);
-    }
+    for (int v = 0; v < 4; ++v) real[v] = first_lanes(k0 + count - j0 - v * kScreenLanes);
     const uint32_t* block_codes = codes + blk * kScreenCodes * pairs;
     for (int64_t r0 = 0; r0 < rows; r0 += kScreenRows) {
       __m512 acc[kScreenRows][4];
@@ -258,18 +257,11 @@ inline void screen_tile(const ScreenCodes&, int64_t, int64_t, ScreenRows&, int64
 #define VQK_TARGET_SCREEN
 #endif
 
-// z.e in fp32: 16 running sums (one AVX-512 vector), then their pairwise total, an order
-// independent of the block or tile the pair was screened in.
+// z.e in fp32, its 16 running sums one AVX-512 vector (sum_in_lanes: an order independent
+// of the block or tile the pair was screened in).
 template <typename T>
 VQK_TARGET_SCREEN float fp32_dot(const float* z, const T* e, int64_t dim) {
-  float lanes[kScreenLanes] = {};
-  int64_t d = 0;
-  for (; d + kScreenLanes <= dim; d += kScreenLanes)
-    for (int l = 0; l < kScreenLanes; ++l) lanes[l] += z[d + l] * static_cast<float>(e[d + l]);
-  for (int l = 0; d < dim; ++d, ++l) lanes[l] += z[d] * static_cast<float>(e[d]);
-  for (int width = kScreenLanes / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  return lanes[0];
+  return sum_in_lanes<float>(dim, [&](int64_t d) { return z[d] * static_cast<float>(e[d]); });
 }
 #undef VQK_TARGET_SCREEN
 

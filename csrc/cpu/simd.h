@@ -68,6 +68,21 @@ VQK_ALWAYS_INLINE V splat(T x) {
   }
 }
 
+// sum_{i < n} term(i) in 16 running sums, then their pairwise total: independent sums, so
+// the loop vectorizes, in a fixed order, so the same terms always give the same bits.
+template <typename Acc, typename Term>
+VQK_ALWAYS_INLINE Acc sum_in_lanes(int64_t n, const Term& term) {
+  constexpr int kLanes = 16;
+  Acc lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += term(i + l);
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += term(i);
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+}
+
 template <typename T, int N>
 constexpr std::array<T, N + 1> inverse_factorials() {
   std::array<T, N + 1> c{};
