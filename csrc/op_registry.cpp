@@ -52,6 +52,9 @@ STABLE_TORCH_LIBRARY(vqkernels, m) {
   m.def(
       "gated_residual_backward(Tensor grad, Tensor gate, Tensor y) -> "
       "(Tensor grad_gate, Tensor grad_y)");
+  m.def("gelu_tanh_forward(Tensor x) -> Tensor");
+  m.def("gelu_tanh_forward_(Tensor(a!) x) -> ()");
+  m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
@@ -68,6 +71,9 @@ STABLE_TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("adaln_backward", TORCH_BOX(&vqkernels::adaln_backward_cpu));
   m.impl("gated_residual_forward", TORCH_BOX(&vqkernels::gated_residual_forward_cpu));
   m.impl("gated_residual_backward", TORCH_BOX(&vqkernels::gated_residual_backward_cpu));
+  m.impl("gelu_tanh_forward", TORCH_BOX(&vqkernels::gelu_tanh_forward_cpu));
+  m.impl("gelu_tanh_forward_", TORCH_BOX(&vqkernels::gelu_tanh_forward_inplace_cpu));
+  m.impl("gelu_tanh_backward", TORCH_BOX(&vqkernels::gelu_tanh_backward_cpu));
 }
 
 #ifdef VQKERNELS_WITH_CUDA

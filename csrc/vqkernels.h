@@ -169,6 +169,13 @@ std::tuple<Tensor, Tensor> gated_residual_backward_cuda(const Tensor& grad, cons
                                                         const Tensor& y);
 #endif
 
+// GELU with the tanh approximation, on contiguous CPU tensors of any float dtype (math in
+// float32, float64 for float64): gelu_tanh_forward returns gelu(x), gelu_tanh_forward_
+// overwrites x with it, gelu_tanh_backward returns grad * gelu'(x).
+Tensor gelu_tanh_forward_cpu(const Tensor& x);
+void gelu_tanh_forward_inplace_cpu(const Tensor& x);
+Tensor gelu_tanh_backward_cpu(const Tensor& grad, const Tensor& x);
+
 // Build facts, for vqkernels.info().
 bool built_with_cuda();
 bool built_with_openmp();

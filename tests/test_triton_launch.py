@@ -74,6 +74,13 @@ def _adaln():
     ops.gated_residual(x_new, p, h, backend="triton").sum().backward()
 
 
+def _gelu():
+    x = torch.randn(2, 5, requires_grad=True)
+    ops.gelu_tanh(x, backend="triton").sum().backward()
+    with torch.no_grad():
+        ops.gelu_tanh(x.detach().clone(), inplace=True, backend="triton")
+
+
 LAUNCHERS = {
     "timestep": lambda: ops.timestep_embedding(torch.arange(3.0), 8, backend="triton"),
     "search": _search,
@@ -81,6 +88,7 @@ LAUNCHERS = {
     "attention": _attention,
     "ddim": _ddim,
     "adaln": _adaln,
+    "gelu": _gelu,
 }
 
 

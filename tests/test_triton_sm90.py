@@ -21,7 +21,8 @@ COMPILE_ALL = textwrap.dedent(r'''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqkernels.triton import adaln, attention, ddim, ema, residual, search, timestep
+    from vqkernels.triton import (adaln, attention, ddim, ema, gelu, residual, search,
+                                  timestep)
 
     TARGET = GPUTarget("cuda", 90, 32)
     done = 0
@@ -177,6 +178,11 @@ COMPILE_ALL = textwrap.dedent(r'''
               dict(grad_ptr=ptr, gate_ptr=ptr, y_ptr=ptr, grad_y_ptr=ptr, gate_partial_ptr="*fp32"),
               dict(strides("grad", "gate", "y"), T="i32", D="i32", chunks="i32"),
               dict(ROWS=64, BLOCK_D=1024))
+        # GELU: the forward (in place or not) and the backward.
+        build(gelu._gelu_forward_kernel, dict(x_ptr=ptr, y_ptr=ptr), dict(n="i64"),
+              dict(BLOCK=gelu.BLOCK), aligned=True)
+        build(gelu._gelu_backward_kernel, dict(dy_ptr=ptr, x_ptr=ptr, dx_ptr=ptr), dict(n="i64"),
+              dict(BLOCK=gelu.BLOCK), aligned=True)
     print(f"compiled {done} kernels")
 ''')
 

@@ -14,7 +14,7 @@ from vqkernels._version import __version__
 
 def _op_dispatches():
     """label -> (public op, its dispatch, the dtype and shape facts info() asks about)."""
-    from vqkernels.ops import adaln, ddim, ema, residual, search, timestep
+    from vqkernels.ops import adaln, ddim, ema, gelu, residual, search, timestep
     from vqkernels.ops.flash_attention import DISPATCH as attention_dispatch
 
     f32 = torch.float32
@@ -39,6 +39,7 @@ def _op_dispatches():
         "gated_residual (fp32)": ("gated_residual", adaln.RESIDUAL_DISPATCH, f32, {}),
         "gated_residual_layer_norm_modulate (fp32)": ("gated_residual_layer_norm_modulate",
                                                       adaln.FUSED_DISPATCH, f32, {}),
+        "gelu_tanh (fp32)": ("gelu_tanh", gelu.DISPATCH, f32, {}),
     }
 
 
@@ -72,7 +73,7 @@ def versions() -> dict:
 def gpu_status() -> dict[str, dict[str, str]]:
     """Per public op and GPU backend: "verified on <device> (sm_XY), <date>", or not yet run."""
     return {op: {backend: _verified.gpu_status(dispatch.op, backend)
-                 for backend in _verified.GPU_BACKENDS}
+                 for backend in _verified.GPU_BACKENDS if backend in dispatch.backends}
             for op, dispatch, _, _ in _op_dispatches().values()}
 
 

@@ -135,7 +135,8 @@ def _document(device, cases, rows, unavailable, seed, seconds) -> dict:
         "rows": rows,
         "unavailable": unavailable,
         "gpu_status": {case.op: {b: _verified.gpu_status(case.dispatch.op, b)
-                                 for b in _verified.GPU_BACKENDS} for case in cases},
+                                 for b in _verified.GPU_BACKENDS if b in case.dispatch.backends}
+                       for case in cases},
     }
 
 

@@ -16,11 +16,12 @@ import torch
 
 from vqkernels import ops
 from vqkernels._dispatch import OpDispatch
-from vqkernels.ops import adaln, ddim, ema, residual, search, timestep
+from vqkernels.ops import adaln, ddim, ema, gelu, residual, search, timestep
 from vqkernels.ops.flash_attention import DISPATCH as ATTENTION_DISPATCH
 from vqkernels.reference import attention as ref_attention
 from vqkernels.reference import ddim as ref_ddim
 from vqkernels.reference import ema as ref_ema
+from vqkernels.reference import gelu as ref_gelu
 from vqkernels.reference import search as ref_search
 from vqkernels.reference import timestep as ref_timestep
 from vqkernels.testing import (ADALN_OPS, SEARCH_RTOL, adaln_magnitudes, attention_magnitudes,
@@ -94,6 +95,27 @@ def check_timestep(backend, device, dtype, generator) -> Errors:
         [_f64(t)], weights)
     errors = _judge("timestep_embedding", dtype, ["forward"], got[0], same[0], truth[0])
     errors.update(_judge("timestep_embedding", dtype, ["grad t"], got[1], same[1], truth[1],
+                         kind="gradient"))
+    return errors
+
+
+# --- gelu_tanh: forward and gradient, and the in-place forward --------------------------------
+
+def check_gelu_tanh(backend, device, dtype, generator) -> Errors:
+    x = _randn((67, 301), generator, dtype, scale=4.0)
+    upstream = [_randn((67, 301), generator, dtype)]
+
+    def ours(v):
+        return _expect_dtype(ops.gelu_tanh(v.to(device), backend=backend), dtype, "gelu")
+
+    got = _with_grads(ours, [x], upstream)
+    same = _with_grads(ref_gelu.gelu_tanh, [x], upstream)
+    truth = _with_grads(ref_gelu.gelu_tanh, [_f64(x)], upstream)
+    with torch.no_grad():
+        in_place = ops.gelu_tanh(x.to(device), inplace=True, backend=backend)
+    errors = _judge("gelu_tanh", dtype, ["forward"], got[0], same[0], truth[0])
+    errors.update(_judge("gelu_tanh", dtype, ["in place"], [in_place], same[0], truth[0]))
+    errors.update(_judge("gelu_tanh", dtype, ["grad x"], got[1], same[1], truth[1],
                          kind="gradient"))
     return errors
 
@@ -367,6 +389,7 @@ CASES = (
     Case("attention", ATTENTION_DISPATCH, (F32, F64, F16, BF16), check_attention,
          lambda dtype: (dtype, {"head_dim": 72})),
     Case("ddim_step", ddim.DISPATCH, (F32, F16, BF16), check_ddim_step, _plain),
+    Case("gelu_tanh", gelu.DISPATCH, (F32, F64, F16, BF16), check_gelu_tanh, _plain),
     *(Case(op, dispatch, (F32, F64, F16, BF16), _adaln_check(op), _plain)
       for op, dispatch in (("layer_norm_modulate", adaln.NORM_DISPATCH),
                            ("gated_residual", adaln.RESIDUAL_DISPATCH),

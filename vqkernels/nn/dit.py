@@ -29,7 +29,7 @@ class DiTBlock(nn.Module):
         x = x + gate_msa * attn(modulate(norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))
 
-    The MLP is ``fc1 -> GELU (tanh) -> fc2`` with ``int(hidden_size * mlp_ratio)``
+    The MLP is ``fc1 -> ops.gelu_tanh -> fc2`` with ``int(hidden_size * mlp_ratio)``
     hidden units. ``backend`` goes to every op, attention's included; the eps
     of ``norm1`` and ``norm2`` are the ops' eps.
     """
@@ -46,7 +46,7 @@ class DiTBlock(nn.Module):
         self.norm1 = _affine_free_layer_norm(hidden_size)
         self.attn = self._attention(hidden_size, num_heads, backend)
         self.norm2 = _affine_free_layer_norm(hidden_size)
-        self.mlp = _Mlp(hidden_size, mlp_hidden)
+        self.mlp = self._mlp(hidden_size, mlp_hidden, backend)
         self.adaLN_modulation = _modulation(hidden_size, 6)
 
     @property
@@ -56,10 +56,13 @@ class DiTBlock(nn.Module):
 
     @backend.setter
     def backend(self, value: str | None) -> None:
-        self.attn.backend = value
+        self.attn.backend = self.mlp.backend = value
 
     def _attention(self, hidden_size, num_heads, backend):
         return Attention(hidden_size, num_heads, qkv_bias=True, backend=backend)
+
+    def _mlp(self, hidden_size, mlp_hidden, backend):
+        return _FusedMlp(hidden_size, mlp_hidden, backend)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation_chunks(
@@ -80,6 +83,9 @@ class ReferenceDiTBlock(DiTBlock):
 
     def _attention(self, hidden_size, num_heads, backend):
         return ReferenceAttention(hidden_size, num_heads, qkv_bias=True)
+
+    def _mlp(self, hidden_size, mlp_hidden, backend):
+        return _Mlp(hidden_size, mlp_hidden)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation_chunks(
@@ -136,6 +142,20 @@ class _Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class _FusedMlp(_Mlp):
+    """``_Mlp`` on ``ops.gelu_tanh``, which overwrites fc1's output in place when no
+    gradient needs it: no fresh (B, T, 4D) activation in a sampling forward."""
+
+    def __init__(self, features: int, hidden_features: int, backend: str | None):
+        super().__init__(features, hidden_features)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        inplace = not (torch.is_grad_enabled() and h.requires_grad)
+        return self.fc2(ops.gelu_tanh(h, inplace=inplace, backend=self.backend))
 
 
 def _affine_free_layer_norm(hidden_size):

@@ -2,6 +2,6 @@
 
 Every other backend is tested against these.
 """
-from vqkernels.reference import adaln, attention, ddim, ema, search, timestep
+from vqkernels.reference import adaln, attention, ddim, ema, gelu, search, timestep
 
-__all__ = ["adaln", "attention", "ddim", "ema", "search", "timestep"]
+__all__ = ["adaln", "attention", "ddim", "ema", "gelu", "search", "timestep"]
