@@ -101,6 +101,21 @@ def test_matches_twin(generator):
     assert torch.equal(model.quantize.codebook_used, twin.quantize.codebook_used)
 
 
+def test_convolutions_run_channels_last_and_the_twin_nchw(generator):
+    model = small_model(generator)
+    twin = twin_of(model, ReferenceLlamaGenVQ, SMALL_CODES, SMALL_EMBED, **SMALL)
+    last, first = torch.channels_last, torch.contiguous_format
+    for module, layout in ((model, last), (twin, first)):
+        weights = [p for p in module.parameters() if p.dim() == 4]
+        assert weights and all(w.is_contiguous(memory_format=layout) for w in weights)
+    restored = small_model(generator)
+    restored.load_state_dict(twin.state_dict())  # an NCHW checkpoint keeps the model NHWC
+    assert restored.encoder.conv_in.weight.is_contiguous(memory_format=last)
+    with torch.no_grad():
+        xrec, _ = model(images(generator))
+    assert xrec.is_contiguous()  # images come back in the usual layout
+
+
 def test_quantizer_is_llamagens(generator):
     """Unit-norm codes by the cosine search; loss mse(zq, sg z) + beta mse(sg zq, z), unit z."""
     model = small_model(generator, commit_loss_beta=0.4).eval()

@@ -2,8 +2,11 @@
 
 ``encoder -> quant_conv -> quantize`` and ``post_quant_conv -> decoder``;
 subclasses pick the module names (a ``Layout``), where attention goes and the
-quantizer. The reference twins swap in ``ReferenceAttnBlock`` and a reference
-quantizer.
+quantizer. The convolutions run channels-last (NHWC): oneDNN and cuDNN convolve
+NHWC without converting activations to and from their blocked layouts at every
+layer (a 128 px LlamaGen tokenize on 2 CPU cores: 1.1x the NCHW model). The
+reference twins keep the originals' NCHW and swap in ``ReferenceAttnBlock`` and a
+reference quantizer.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ class VQTokenizer(nn.Module):
     """Builds encoder, decoder, quant_conv and post_quant_conv; subclasses add ``quantize``."""
 
     attn_block = AttnBlock
+    memory_format = torch.channels_last  # of the conv weights and activations
 
     def __init__(self, layout: Layout, *, in_channels: int, out_channels: int, ch: int,
                  encoder_ch_mult: Sequence[int], decoder_ch_mult: Sequence[int],
@@ -41,6 +45,7 @@ class VQTokenizer(nn.Module):
                                ch_mult=decoder_ch_mult, **shared)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.to(memory_format=self.memory_format)  # the conv weights; load_state_dict keeps it
 
     def _make_attn(self, channels: int) -> nn.Module:
         return self.attn_block(channels, backend=self.backend)
@@ -48,14 +53,16 @@ class VQTokenizer(nn.Module):
     def encode(self, x: torch.Tensor):
         """Images (B, C, H, W) -> the quantizer's ``(quant, emb_loss, info)``."""
         self._check_images(x)
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        h = self.encoder(x.contiguous(memory_format=self.memory_format))
+        return self.quantize(self.quant_conv(h))
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
         """Quantized latents (B, embed_dim, h, w) -> images."""
         if (not isinstance(quant, torch.Tensor) or quant.dim() != 4
                 or quant.shape[1] != self.embed_dim):
             raise ValueError(f"quant must be (B, {self.embed_dim}, h, w), got {_describe(quant)}")
-        return self.decoder(self.post_quant_conv(quant))
+        h = self.post_quant_conv(quant.contiguous(memory_format=self.memory_format))
+        return self.decoder(h).contiguous()  # images in the usual layout
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> code indices (B, H / f, W / f), f the downsampling factor."""

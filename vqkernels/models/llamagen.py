@@ -107,6 +107,7 @@ class ReferenceLlamaGenVQ(LlamaGenVQ):
     """The pure-PyTorch twin of :class:`LlamaGenVQ` (reference attention and quantizer)."""
 
     attn_block = ReferenceAttnBlock
+    memory_format = torch.contiguous_format  # NCHW, as the original
 
     def __init__(self, codebook_size: int = 16384, codebook_embed_dim: int = 8, **kwargs):
         super().__init__(codebook_size, codebook_embed_dim, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from vqkernels.models._conv_blocks import Layout, ReferenceAttnBlock
@@ -78,6 +79,7 @@ class ReferenceVQGAN(VQGAN):
     """The pure-PyTorch twin of :class:`VQGAN` (reference attention and quantizer), for parity."""
 
     attn_block = ReferenceAttnBlock
+    memory_format = torch.contiguous_format  # NCHW, as the original
 
     def __init__(self, ddconfig: Mapping, n_embed: int, embed_dim: int, *,
                  remap: str | None = None, sane_index_shape: bool = False):
