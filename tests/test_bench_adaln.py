@@ -66,10 +66,12 @@ def _tensors(out) -> tuple:
 
 
 def test_parameters_are_strided_chunks_of_one_modulation_tensor():
-    inputs = adaln._inputs(SHAPE, torch.float32, CPU, backward=True)
-    d = SHAPE[-1]
-    for name in ("shift", "scale", "gate"):
+    names = ("shift", "scale", "gate", "h")
+    inputs = dict(zip(names, adaln._inputs(SHAPE, torch.float32, CPU, True, names)))
+    b, t, d = SHAPE
+    for name in names[:3]:
         assert inputs[name].stride() == (6 * d, 1) and inputs[name].is_leaf, name
+    assert inputs["h"].shape == (b, t, 4 * d)  # the MLP's hidden, gelu's input
 
 
 def test_quick_cases_leave_compile_out_and_say_so():

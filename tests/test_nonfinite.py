@@ -260,6 +260,18 @@ def test_ddim_thresholding_nan_poisons_its_sample(backend):
     assert prev[1].isfinite().all() and x0[1].isfinite().all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's x^3
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gelu_tanh_of_non_finite_inputs_is_pytorchs(backend):
+    x = torch.tensor([NAN, INF, -INF, 1e30, -1e30, -200.0, 0.0, -0.0])
+    got = ops.gelu_tanh(x, backend=backend)
+    torch.testing.assert_close(got, torch.tensor([NAN, INF, NAN, 1e30, -0.0, -0.0, 0.0, -0.0]),
+                               equal_nan=True, atol=0, rtol=0)
+    want = torch.nn.functional.gelu(x.double(), approximate="tanh").float()
+    torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)
+
+
 def test_table_lists_every_op():
     text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "NUMERICS.md")).read()
     for op in ops.__all__:

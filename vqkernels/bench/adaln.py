@@ -1,7 +1,8 @@
 """Benchmark cases of the adaLN ops (``vqkernels.ops.adaln``) and the DiT block, DiT-XL/2 shapes.
 
 ``lnmod`` is ``layer_norm_modulate``, ``residual`` ``gated_residual`` and
-``fused`` ``gated_residual_layer_norm_modulate``; ``-fwd-`` times the forward,
+``fused`` ``gated_residual_layer_norm_modulate``, ``gelu`` ``gelu_tanh`` on the MLP's
+hidden activations (B, T, 4D), out of place as eager ``F.gelu``; ``-fwd-`` times the forward,
 ``-fwdbwd-`` the forward and every input's gradient. Shift, scale and gate are
 chunks of one (B, 6D) tensor, as a DiT block splits it. The "reference" row is
 the block's eager PyTorch (``eager_*``), "compiled" ``torch.compile`` of that
@@ -23,7 +24,7 @@ from vqkernels._dispatch import OpDispatch
 from vqkernels.bench.cases import (COMPILED, REFERENCE, Case, compiled_contender,
                                    forward_only, sort_out, usable_backends)
 from vqkernels.nn import DiTBlock, ReferenceDiTBlock
-from vqkernels.ops import adaln
+from vqkernels.ops import adaln, gelu
 
 GPU_SHAPES = ((256, 256, 1152), (32, 1024, 1152))  # (B, T, D), bf16
 CPU_SHAPES = ((64, 256, 1152),)  # fp32
@@ -47,11 +48,15 @@ def eager_gated_residual_layer_norm_modulate(x, gate, y, shift, scale):
     return x, eager_layer_norm_modulate(x, shift, scale)
 
 
+def eager_gelu(h):
+    return F.gelu(h, approximate="tanh")
+
+
 @dataclass(frozen=True)
 class OpKind:
     """One op, its eager twin, its arguments and the least it must move.
 
-    ``tensors`` and ``params``: how many (B, T, D) activations and (B, D)
+    ``tensors`` and ``params``: how many (B, T, width D) activations and (B, D)
     parameters it reads or writes once each, in the forward and then added by
     the backward. The LayerNorm statistics (B, T) are not counted.
     """
@@ -64,12 +69,13 @@ class OpKind:
     outputs: int
     tensors: tuple[int, int]
     params: tuple[int, int]
+    width: int = 1  # of its activations, in multiples of D
 
     def bytes_moved(self, shape: tuple[int, int, int], itemsize: int, backward: bool) -> int:
         b, t, d = shape
         tensors = self.tensors[0] + backward * self.tensors[1]
         params = self.params[0] + backward * self.params[1]
-        return itemsize * (tensors * b * t * d + params * b * d)
+        return itemsize * (tensors * b * t * d * self.width + params * b * d)
 
 
 OP_KINDS = (
@@ -86,6 +92,9 @@ OP_KINDS = (
     OpKind("fused", adaln.gated_residual_layer_norm_modulate,
            eager_gated_residual_layer_norm_modulate, adaln.FUSED_DISPATCH,
            ("x", "gate", "y", "shift", "scale"), outputs=2, tensors=(4, 6), params=(3, 5)),
+    # h read, gelu(h) written | grad and h read, dh written
+    OpKind("gelu", gelu.gelu_tanh, eager_gelu, gelu.DISPATCH, ("h",), outputs=1,
+           tensors=(2, 3), params=(0, 0), width=4),
 )
 
 
@@ -108,9 +117,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 def op_case(kind: OpKind, shape: tuple[int, int, int], dtype: torch.dtype,
             device: torch.device, *, backward: bool, compiled: bool) -> Case:
     """``kind`` at ``shape``: eager, compiled and each of our usable backends on one input."""
-    inputs = _inputs(shape, dtype, device, backward)
-    args = tuple(inputs[name] for name in kind.args)
-    grads = tuple(torch.randn_like(inputs["x"]) for _ in range(kind.outputs))
+    args = _inputs(shape, dtype, device, backward, kind.args)
+    grads = tuple(torch.randn_like(args[0]) for _ in range(kind.outputs))
     run = functools.partial(_forward_backward, grads=grads) if backward else forward_only
     contenders, skipped = compiled_contender(lambda fn: functools.partial(run, fn, args),
                                              kind.eager, compiled)
@@ -121,9 +129,10 @@ def op_case(kind: OpKind, shape: tuple[int, int, int], dtype: torch.dtype,
         contenders[name] = (functools.partial(run, ours, args), (NotImplementedError,))
     fns, skipped = sort_out({REFERENCE: functools.partial(run, kind.eager, args)}, contenders,
                             skipped)
-    return Case(op="adaln", shape=case_label(kind.label, backward, shape, dtype), fns=fns,
-                skipped=skipped, baselines=(COMPILED,),
-                bytes=kind.bytes_moved(shape, inputs["x"].element_size(), backward))
+    b, t, d = shape
+    return Case(op="adaln", shape=case_label(kind.label, backward, (b, t, kind.width * d), dtype),
+                fns=fns, skipped=skipped, baselines=(COMPILED,),
+                bytes=kind.bytes_moved(shape, args[0].element_size(), backward))
 
 
 def block_case(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, *,
@@ -182,15 +191,18 @@ def case_label(what: str, backward: bool, shape: tuple[int, ...], dtype: torch.d
     return f"{what}-{'fwdbwd' if backward else 'fwd'}-{dims}-{str(dtype).removeprefix('torch.')}"
 
 
-def _inputs(shape, dtype, device, backward) -> dict[str, torch.Tensor]:
-    """x and y (B, T, D); shift, scale and gate as the block passes them: views of one
-    (B, 6D) tensor (row stride 6D), each a leaf of its own when gradients are timed."""
-    b, _, d = shape
-    x, y = (torch.randn(shape, dtype=dtype, device=device) for _ in range(2))
+def _inputs(shape, dtype, device, backward, names) -> tuple[torch.Tensor, ...]:
+    """The tensors of ``names``: x and y (B, T, D), the MLP's hidden h (B, T, 4D); shift,
+    scale and gate as the block passes them: views of one (B, 6D) tensor (row stride 6D),
+    each a leaf of its own when gradients are timed."""
+    b, t, d = shape
     conditioning = torch.randn(b, 6 * d, dtype=dtype, device=device) * 0.5
-    shift, scale, gate = conditioning.chunk(6, dim=1)[:3]
-    named = {"x": x, "y": y, "shift": shift, "scale": scale, "gate": gate}
-    return {name: v.detach().requires_grad_(backward) for name, v in named.items()}
+    chunks = dict(zip(("shift", "scale", "gate"), conditioning.chunk(6, dim=1)))
+    draw = {"x": lambda: torch.randn(shape, dtype=dtype, device=device),
+            "y": lambda: torch.randn(shape, dtype=dtype, device=device),
+            "h": lambda: torch.randn(b, t, 4 * d, dtype=dtype, device=device),
+            **{name: lambda name=name: chunks[name] for name in chunks}}
+    return tuple(draw[name]().detach().requires_grad_(backward) for name in names)
 
 
 def _block_step(module, x, c, upstream):
