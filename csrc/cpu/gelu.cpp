@@ -115,7 +115,7 @@ void run(int64_t n, const T* dy, const T* x, T* out) {
 }
 
 void check_gelu_tensor(const Tensor& t, const char* name) {
-  VQK_CHECK_DEVICE(t, DeviceType::CPU);
+  VQK_CHECK(t.device().type() == DeviceType::CPU, name, " must be a CPU tensor, got ", t.device());
   VQK_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
