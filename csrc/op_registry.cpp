@@ -55,6 +55,9 @@ STABLE_TORCH_LIBRARY(vqkernels, m) {
   m.def("gelu_tanh_forward(Tensor x) -> Tensor");
   m.def("gelu_tanh_forward_(Tensor(a!) x) -> ()");
   m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
+  m.def(
+      "group_norm_forward(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, "
+      "bool silu) -> (Tensor y, Tensor mean, Tensor rstd)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
@@ -74,6 +77,7 @@ STABLE_TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("gelu_tanh_forward", TORCH_BOX(&vqkernels::gelu_tanh_forward_cpu));
   m.impl("gelu_tanh_forward_", TORCH_BOX(&vqkernels::gelu_tanh_forward_inplace_cpu));
   m.impl("gelu_tanh_backward", TORCH_BOX(&vqkernels::gelu_tanh_backward_cpu));
+  m.impl("group_norm_forward", TORCH_BOX(&vqkernels::group_norm_forward_cpu));
 }
 
 #ifdef VQKERNELS_WITH_CUDA

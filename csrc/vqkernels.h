@@ -176,6 +176,13 @@ Tensor gelu_tanh_forward_cpu(const Tensor& x);
 void gelu_tanh_forward_inplace_cpu(const Tensor& x);
 Tensor gelu_tanh_backward_cpu(const Tensor& grad, const Tensor& x);
 
+// GroupNorm of x (B, C, *spatial), contiguous or channels-last, over num_groups groups,
+// then SiLU when silu; weight and bias (C,) of x's dtype (float or double). Returns
+// (y in x's layout, mean, rstd), the statistics (B, num_groups) in x's dtype.
+std::tuple<Tensor, Tensor, Tensor> group_norm_forward_cpu(const Tensor& x, const Tensor& weight,
+                                                          const Tensor& bias, int64_t num_groups,
+                                                          double eps, bool silu);
+
 // Build facts, for vqkernels.info().
 bool built_with_cuda();
 bool built_with_openmp();

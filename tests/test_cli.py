@@ -52,7 +52,7 @@ def test_info_json(tmp_path):
 PUBLIC_OPS = ("timestep_embedding", "nearest_code", "vector_quantize", "nearest_code_with_stats",
               "residual_nearest_code", "code_counts_and_sums", "ema_update_", "ema_update_stages_",
               "attention", "ddim_step", "layer_norm_modulate", "gated_residual",
-              "gated_residual_layer_norm_modulate", "gelu_tanh")
+              "gated_residual_layer_norm_modulate", "gelu_tanh", "group_norm")
 
 
 def test_info_shows_every_public_op_and_its_gpu_status(tmp_path):
@@ -69,8 +69,8 @@ def test_info_json_gpu_status(tmp_path):
     data = json.loads(_ok(_cli("info", "--json", cwd=tmp_path)).stdout)
     assert set(data["gpu_status"]) == set(PUBLIC_OPS), sorted(data["gpu_status"])
     for op, statuses in data["gpu_status"].items():
-        gpu_backends = {"triton"} if op == "gelu_tanh" else {"cuda", "triton"}  # Triton alone
-        assert set(statuses) == gpu_backends, (op, statuses)
+        triton_only = op in ("gelu_tanh", "group_norm")
+        assert set(statuses) == ({"triton"} if triton_only else {"cuda", "triton"}), (op, statuses)
         assert all(s == "not yet run on a GPU" or s.startswith("verified on ")
                    for s in statuses.values()), (op, statuses)
 
@@ -106,7 +106,8 @@ def test_bench_times_each_adaln_backend_or_says_why_not(quick_bench):
     timed = {(row["shape"], row["backend"]) for row in data["rows"] if row["op"] == "adaln"}
     skipped = {(s["shape"], s["backend"]) for s in data["skipped"] if s["op"] == "adaln"}
     shapes = {shape for shape, _ in timed}
-    assert len(shapes) == 7 and all((shape, "reference") in timed for shape in shapes), timed
+    # four ops (lnmod, residual, fused, gelu), forward and forward + backward; the block forward
+    assert len(shapes) == 9 and all((shape, "reference") in timed for shape in shapes), timed
     for shape in shapes:  # ours is timed, or the table says why not
         ours = "vqkernels" if shape.startswith("block-") else "cpu"
         assert ((shape, ours) in timed) != ((shape, ours) in skipped), (shape, stdout)

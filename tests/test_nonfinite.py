@@ -272,6 +272,17 @@ def test_gelu_tanh_of_non_finite_inputs_is_pytorchs(backend):
     torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # interpreter's exp
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+def test_group_norm_non_finite_poisons_its_group(backend, bad):
+    x = torch.randn(2, 4, 3, 3)
+    x[1, 2, 1, 1] = bad  # sample 1, group 1 of 2
+    y = ops.group_norm(x, 2, silu=True, backend=backend)
+    assert y[1, 2:].isnan().all()
+    assert y[0].isfinite().all() and y[1, :2].isfinite().all()
+
+
 def test_table_lists_every_op():
     text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "NUMERICS.md")).read()
     for op in ops.__all__:

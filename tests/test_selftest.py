@@ -24,6 +24,8 @@ DOCUMENT_KEYS = {"device", "device_type", "capability", "versions", "date", "tri
 WHATS = {
     "timestep_embedding": {"forward", "grad t"},
     "gelu_tanh": {"forward", "in place", "grad x"},
+    "group_norm": {f"{layout} {what}" for layout in ("nchw", "nhwc")
+                   for what in ("y", "grad x", "grad w", "grad b")},
     "nearest_code": {"indices", "distances"},
     "residual_nearest_code": {f"stage {q} {what}" for q in range(3)
                               for what in ("indices", "counts", "sums")} | {"quantized"},

@@ -81,6 +81,12 @@ def _gelu():
         ops.gelu_tanh(x.detach().clone(), inplace=True, backend="triton")
 
 
+def _group_norm():
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    ops.group_norm(x, 4, silu=True, backend="triton").sum().backward()
+    ops.group_norm(x.detach().contiguous(memory_format=torch.channels_last), 4, backend="triton")
+
+
 LAUNCHERS = {
     "timestep": lambda: ops.timestep_embedding(torch.arange(3.0), 8, backend="triton"),
     "search": _search,
@@ -89,6 +95,7 @@ LAUNCHERS = {
     "ddim": _ddim,
     "adaln": _adaln,
     "gelu": _gelu,
+    "group_norm": _group_norm,
 }
 
 

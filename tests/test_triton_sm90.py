@@ -21,8 +21,8 @@ COMPILE_ALL = textwrap.dedent(r'''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vqkernels.triton import (adaln, attention, ddim, ema, gelu, residual, search,
-                                  timestep)
+    from vqkernels.triton import (adaln, attention, ddim, ema, gelu, group_norm, residual,
+                                  search, timestep)
 
     TARGET = GPUTarget("cuda", 90, 32)
     done = 0
@@ -183,6 +183,20 @@ COMPILE_ALL = textwrap.dedent(r'''
               dict(BLOCK=gelu.BLOCK), aligned=True)
         build(gelu._gelu_backward_kernel, dict(dy_ptr=ptr, x_ptr=ptr, dx_ptr=ptr), dict(n="i64"),
               dict(BLOCK=gelu.BLOCK), aligned=True)
+    # GroupNorm: both layouts, the stats and the apply kernel (with SiLU), a VQGAN's C = 128.
+    for ptr in ("*bf16", "*fp32"):
+        for channels_last in (False, True):
+            block_p, block_c = group_norm._tiles(channels_last, 128)
+            build(group_norm._group_stats_kernel,
+                  dict(x_ptr=ptr, mean_ptr="*fp32", rstd_ptr="*fp32"),
+                  dict(C="i32", HW="i32", CG="i32", G="i32", eps="fp32"),
+                  dict(CHANNELS_LAST=channels_last, BLOCK_P=1024, BLOCK_C=4), aligned=True)
+            build(group_norm._group_norm_apply_kernel,
+                  dict(x_ptr=ptr, y_ptr=ptr, w_ptr=ptr, b_ptr=ptr, mean_ptr="*fp32",
+                       rstd_ptr="*fp32"),
+                  dict(C="i32", HW="i32", CG="i32", G="i32"),
+                  dict(CHANNELS_LAST=channels_last, SILU=True, BLOCK_P=block_p,
+                       BLOCK_C=block_c), aligned=True)
     print(f"compiled {done} kernels")
 ''')
 

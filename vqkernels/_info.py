@@ -14,7 +14,8 @@ from vqkernels._version import __version__
 
 def _op_dispatches():
     """label -> (public op, its dispatch, the dtype and shape facts info() asks about)."""
-    from vqkernels.ops import adaln, ddim, ema, gelu, residual, search, timestep
+    from vqkernels.ops import (adaln, ddim, ema, gelu, group_normalization, residual, search,
+                               timestep)
     from vqkernels.ops.flash_attention import DISPATCH as attention_dispatch
 
     f32 = torch.float32
@@ -40,6 +41,7 @@ def _op_dispatches():
         "gated_residual_layer_norm_modulate (fp32)": ("gated_residual_layer_norm_modulate",
                                                       adaln.FUSED_DISPATCH, f32, {}),
         "gelu_tanh (fp32)": ("gelu_tanh", gelu.DISPATCH, f32, {}),
+        "group_norm (fp32)": ("group_norm", group_normalization.DISPATCH, f32, {}),
     }
 
 

@@ -16,12 +16,14 @@ import torch
 
 from vqkernels import ops
 from vqkernels._dispatch import OpDispatch
-from vqkernels.ops import adaln, ddim, ema, gelu, residual, search, timestep
+from vqkernels.ops import (adaln, ddim, ema, gelu, group_normalization, residual, search,
+                           timestep)
 from vqkernels.ops.flash_attention import DISPATCH as ATTENTION_DISPATCH
 from vqkernels.reference import attention as ref_attention
 from vqkernels.reference import ddim as ref_ddim
 from vqkernels.reference import ema as ref_ema
 from vqkernels.reference import gelu as ref_gelu
+from vqkernels.reference import group_norm as ref_group_norm
 from vqkernels.reference import search as ref_search
 from vqkernels.reference import timestep as ref_timestep
 from vqkernels.testing import (ADALN_OPS, SEARCH_RTOL, adaln_magnitudes, attention_magnitudes,
@@ -117,6 +119,32 @@ def check_gelu_tanh(backend, device, dtype, generator) -> Errors:
     errors.update(_judge("gelu_tanh", dtype, ["in place"], [in_place], same[0], truth[0]))
     errors.update(_judge("gelu_tanh", dtype, ["grad x"], got[1], same[1], truth[1],
                          kind="gradient"))
+    return errors
+
+
+# --- group_norm: GroupNorm + SiLU, NCHW and channels-last, and the gradients ------------------
+
+def check_group_norm(backend, device, dtype, generator) -> Errors:
+    x = _randn((3, 64, 9, 7), generator, dtype, scale=2.0)
+    params = [_randn((64,), generator, dtype), _randn((64,), generator, dtype)]
+    upstream = [_randn((3, 64, 9, 7), generator, dtype)]
+    errors = {}
+    for layout, memory_format in (("nchw", torch.contiguous_format),
+                                  ("nhwc", torch.channels_last)):
+        def ours(v, w, b):
+            v = v.to(device).contiguous(memory_format=memory_format)
+            out = ops.group_norm(v, 32, w.to(device), b.to(device), silu=True, backend=backend)
+            return _expect_dtype(out, dtype, "y")
+
+        def spec(v, w, b):
+            return ref_group_norm.group_norm(v, 32, w, b, 1e-5, silu=True)
+
+        got = _with_grads(ours, [x, *params], upstream)
+        same = _with_grads(spec, [x, *params], upstream)
+        truth = _with_grads(spec, [_f64(x), *map(_f64, params)], upstream)
+        errors.update(_judge("group_norm", dtype, [f"{layout} y"], got[0], same[0], truth[0]))
+        errors.update(_judge("group_norm", dtype, [f"{layout} grad {n}" for n in "xwb"], got[1],
+                             same[1], truth[1], kind="gradient"))
     return errors
 
 
@@ -390,6 +418,8 @@ CASES = (
          lambda dtype: (dtype, {"head_dim": 72})),
     Case("ddim_step", ddim.DISPATCH, (F32, F16, BF16), check_ddim_step, _plain),
     Case("gelu_tanh", gelu.DISPATCH, (F32, F64, F16, BF16), check_gelu_tanh, _plain),
+    Case("group_norm", group_normalization.DISPATCH, (F32, F64, F16, BF16), check_group_norm,
+         _plain),
     *(Case(op, dispatch, (F32, F64, F16, BF16), _adaln_check(op), _plain)
       for op, dispatch in (("layer_norm_modulate", adaln.NORM_DISPATCH),
                            ("gated_residual", adaln.RESIDUAL_DISPATCH),

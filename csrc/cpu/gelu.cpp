@@ -5,11 +5,11 @@
 //   y  = 0.5 x (1 + tanh u) = x s,  s = sigmoid(2u) = 1 / (1 + e^{-2u})
 //   dx = dy (s + 2 x s (1 - s) du/dx),  du/dx = k0 (1 + 3 k1 x^2)
 //
-// s comes from e = e^{-2|u|} <= 1 (s = 1 / (1 + e), or e / (1 + e) for u < 0, and
-// s (1 - s) = e / (1 + e)^2), so no exponent overflows and x s keeps its relative
-// accuracy where 1 + tanh u cancels (x < -3). Forward reads and writes N elements
-// (in place when y is x), backward reads 2N and writes N; ~25 FLOPs an element,
-// so both are memory-bound wherever the exponential vectorizes.
+// s comes from e = e^{-2|u|} <= 1 (simd.h's sigmoid_lanes), so no exponent
+// overflows and x s keeps its relative accuracy where 1 + tanh u cancels (x < -3).
+// Forward reads and writes N elements (in place when y is x), backward reads 2N and
+// writes N; ~25 FLOPs an element, so both are memory-bound wherever the exponential
+// vectorizes.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -33,54 +33,46 @@ using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 constexpr double kK0 = 0.79788456080286535588, kK1 = 0.044715;
 
-// y = x s, s and s (1 - s) = e / (1 + e)^2 of the formula above, per lane.
-template <typename V>
-struct GeluParts {
-  V y, s, s_one_minus_s;
-};
-
+// s = sigmoid(2u) of the formula above and s (1 - s), per lane.
 template <typename A, typename V, typename U>
-VQK_ALWAYS_INLINE GeluParts<V> gelu_parts(V x) {
+VQK_ALWAYS_INLINE Sigmoid<V> gelu_sigmoid(V x) {
   const V u = x * (A(kK0) + A(kK0 * kK1) * (x * x));
-  const V zero = splat<V>(A(0)), one = splat<V>(A(1));
-  const V minus_abs = u < zero ? u : -u;  // -|u|; NaN stays NaN
-  const V e = exp_lanes<A, V, U>(minus_abs + minus_abs);
-  const V q = one / (one + e);
-  const V s = u < zero ? e * q : q;
-  return {x * s, s, e * q * q};
+  return sigmoid_lanes<A, V, U>(u + u);
 }
 
 struct Forward {  // y = gelu(x)
   template <typename A, typename V, typename U>
   static VQK_ALWAYS_INLINE void apply(int64_t i, const A* x, A* y) {
-    store_vec(y + i, gelu_parts<A, V, U>(load_vec<V>(x + i)).y);
+    const V xv = load_vec<V>(x + i);
+    store_vec(y + i, xv * gelu_sigmoid<A, V, U>(xv).s);
   }
 };
 struct Backward {  // dx = dy gelu'(x)
   template <typename A, typename V, typename U>
   static VQK_ALWAYS_INLINE void apply(int64_t i, const A* dy, const A* x, A* dx) {
     const V xv = load_vec<V>(x + i);
-    const GeluParts<V> p = gelu_parts<A, V, U>(xv);
+    const Sigmoid<V> sig = gelu_sigmoid<A, V, U>(xv);
     const V du = A(kK0) + A(3 * kK0 * kK1) * (xv * xv);
-    const V grad = p.s + (xv + xv) * p.s_one_minus_s * du;
-    store_vec(dx + i, load_vec<V>(dy + i) * grad);
+    store_vec(dx + i, load_vec<V>(dy + i) * (sig.s + (xv + xv) * sig.s_one_minus_s * du));
   }
 };
 
 // Elements [0, n) of the Acc-typed arrays: dy null, the forward; else the backward.
 template <typename A, int VB>
 VQK_ALWAYS_INLINE void gelu_lanes(int64_t n, const A* dy, const A* x, A* out) {
-  if (dy == nullptr) for_lanes<A, VB, Forward>(n, x, out);
-  else for_lanes<A, VB, Backward>(n, dy, x, out);
+  if (dy == nullptr)
+    for_lanes<A, VB, Forward>(n, x, out);
+  else
+    for_lanes<A, VB, Backward>(n, dy, x, out);
 }
 
 template <typename A>
 using GeluLanes = void (*)(int64_t, const A*, const A*, A*);
 
-#define VQK_DEFINE_GELU_LANES(NAME, TARGET, VB)                                 \
-  template <typename A>                                                         \
+#define VQK_DEFINE_GELU_LANES(NAME, TARGET, VB)                               \
+  template <typename A>                                                       \
   TARGET void NAME##_gelu_lanes(int64_t n, const A* dy, const A* x, A* out) { \
-    gelu_lanes<A, VB>(n, dy, x, out);                                           \
+    gelu_lanes<A, VB>(n, dy, x, out);                                         \
   }
 VQK_DEFINE_ISA_COPIES(VQK_DEFINE_GELU_LANES)
 #undef VQK_DEFINE_GELU_LANES

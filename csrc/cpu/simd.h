@@ -136,4 +136,21 @@ VQK_ALWAYS_INLINE V exp_lanes(V x) {
   return x < splat<V>(C::kLo) ? splat<V>(T(0)) : p * bits_as<V>(bits);
 }
 
+// sigmoid(v) = 1 / (1 + e^-v) per lane and s (1 - s), its derivative, from e = e^{-|v|}
+// <= 1: with q = 1 / (1 + e), s = q for v >= 0 and e q below, s (1 - s) = e q^2. No
+// exponent overflows, and both keep their relative accuracy in the tails. NaN stays NaN.
+template <typename V>
+struct Sigmoid {
+  V s, s_one_minus_s;
+};
+
+template <typename T, typename V, typename U>
+VQK_ALWAYS_INLINE Sigmoid<V> sigmoid_lanes(V v) {
+  const V zero = splat<V>(T(0)), one = splat<V>(T(1));
+  const V minus_abs = v < zero ? v : -v;
+  const V e = exp_lanes<T, V, U>(minus_abs);
+  const V q = one / (one + e);
+  return {v < zero ? e * q : q, e * q * q};
+}
+
 }  // namespace vqkernels::cpu

@@ -8,7 +8,9 @@ sample with CFG 4 (``DDIMSampler``; the twins step with the reference ``ddim_ste
 images/s; ``fwd``: a forward; ``fwdbwd``: a training step. FLOPs: ``dit_flops``.
 ``vqgan-f16-16384-*`` / ``llamagen-vq16-*``: ``tokenize`` (images to codes) and ``quantize``
 (the codebook search on the encoder output) against the reference twin and "original"
-(the twin on the matmul-expansion search its repository runs).
+(the twin on the matmul-expansion search its repository runs). ``gn-silu-nchw`` /
+``gn-silu-nhwc``: ``ops.group_norm(silu=True)`` on a tokenizer's first-level activations
+against eager ``F.silu(F.group_norm(...))`` (and its torch.compile) in the same layout.
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vqkernels.bench.adaln import block_flops
 from vqkernels.bench.cases import (COMPILED, REFERENCE, Case, compiled_contender, forward_only,
-                                   sort_out)
+                                   sort_out, usable_backends)
 from vqkernels.bench.quantizer import TamingVectorQuantizer2
 from vqkernels.models import (VQGAN, DiT, DiT_models, LlamaGenVQ, ReferenceDiT,
                               ReferenceLlamaGenVQ, ReferenceVQGAN)
 from vqkernels.models.vqgan import IMAGENET_F16_DDCONFIG
 from vqkernels.nn import ReferenceAttention, ReferenceDiTBlock
+from vqkernels.ops import group_normalization
 from vqkernels.sampling import DDIMSampler
 
 OURS, SDPA_EAGER, ORIGINAL = "vqkernels", "sdpa-eager", "original"
@@ -43,6 +46,8 @@ QUICK_SAMPLE = ("DiT-tiny/4", 1, 2)  # two steps
 DIT_PRESETS = {**{name: build.keywords for name, build in DiT_models.items()},
                "DiT-tiny/4": dict(depth=1, hidden_size=144, patch_size=4, num_heads=2)}
 GPU_IMAGES, CPU_IMAGES, QUICK_IMAGES = (32, 3, 256, 256), (2, 3, 128, 128), (1, 3, 32, 32)
+# a tokenizer's first level: ch = 128 at the images' resolution; taming's 32 groups
+GN_GROUPS, GN_SHAPES = 32, {"cuda": (32, 128, 256, 256), "cpu": (2, 128, 128, 128)}
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -58,10 +63,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         return [dit_sample_case(*GPU_SAMPLE, dtype, device, compiled=True),
                 dit_step_case(*GPU_TRAIN, dtype, device, backward=True, compiled=True),
                 *tokenizer_cases("vqgan-f16-16384", GPU_IMAGES, device),
-                *tokenizer_cases("llamagen-vq16", GPU_IMAGES, device)]
+                *tokenizer_cases("llamagen-vq16", GPU_IMAGES, device),
+                *group_norm_cases(GN_SHAPES["cuda"], dtype, device)]
     return [dit_step_case(*CPU_FORWARD, dtype, device, backward=False, compiled=True),
             *tokenizer_cases("llamagen-vq16", CPU_IMAGES, device),
-            *tokenizer_cases("vqgan-f16-16384", CPU_IMAGES, device)]
+            *tokenizer_cases("vqgan-f16-16384", CPU_IMAGES, device),
+            *group_norm_cases(GN_SHAPES["cpu"], dtype, device)]
 
 
 class _SdpaAttention(ReferenceAttention):
@@ -287,6 +294,43 @@ def tokenizer_cases(name: str, images_shape: tuple[int, ...], device: torch.devi
                            fns=rows("quantize", z), baselines=(ORIGINAL,),
                            bytes=4 * (2 * n * d + k * d) + 8 * n, flops=2 * n * k * d,
                            flop_dtype="fp32")]
+
+
+def eager_group_norm_silu(x, weight, bias):
+    return F.silu(F.group_norm(x, GN_GROUPS, weight, bias, eps=1e-6))
+
+
+def _group_norm_silu(backend: str) -> Callable:
+    def run(x, weight, bias):
+        return group_normalization.group_norm(x, GN_GROUPS, weight, bias, eps=1e-6, silu=True,
+                                              backend=backend)
+    return run
+
+
+def group_norm_cases(shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device) -> list[Case]:
+    """GroupNorm + SiLU forward on x ``shape``, NCHW and channels-last: eager PyTorch (the
+    reference row), its torch.compile, and each usable backend of ``ops.group_norm``. It
+    reads x and writes y at least once: 2 x numel elements."""
+    found = []
+    for layout, memory_format in (("nchw", torch.contiguous_format),
+                                  ("nhwc", torch.channels_last)):
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        args = (x, torch.randn(shape[1], device=device, dtype=dtype),
+                torch.randn(shape[1], device=device, dtype=dtype))
+        contenders, skipped = compiled_contender(
+            lambda fn: functools.partial(forward_only, fn, args), eager_group_norm_silu, True)
+        for name in usable_backends(group_normalization.DISPATCH, device, dtype):
+            if name != REFERENCE:  # the eager code is the reference row
+                contenders[name] = (functools.partial(forward_only, _group_norm_silu(name), args),
+                                    (NotImplementedError,))
+        fns, skipped = sort_out({REFERENCE: functools.partial(forward_only,
+                                                              eager_group_norm_silu, args)},
+                                contenders, skipped)
+        found.append(Case(op="models", shape=_label(f"gn-silu-{layout}", shape, dtype),
+                          fns=fns, skipped=skipped, baselines=(COMPILED,),
+                          bytes=2 * x.numel() * x.element_size()))
+    return found
 
 
 def _tokenize_flops(name: str, images_shape: tuple[int, ...]) -> int:

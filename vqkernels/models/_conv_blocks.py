@@ -1,9 +1,10 @@
 """The convolutional encoder and decoder of taming-transformers' VQGAN, shared by tokenizers.
 
-ResnetBlocks (GroupNorm + swish, PyTorch), single-head AttnBlocks on
-``ops.attention``, strided-conv downsampling and nearest-2x upsampling, stacked
+ResnetBlocks (GroupNorm + swish in one ``ops.group_norm``), single-head AttnBlocks
+on ``ops.attention``, strided-conv downsampling and nearest-2x upsampling, stacked
 into an Encoder / Decoder whose module names a ``Layout`` chooses, so taming's
-and LlamaGen's checkpoints load unchanged.
+and LlamaGen's checkpoints load unchanged. The twins' norms (``fused=False``) are
+PyTorch's GroupNorm and SiLU.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from vqkernels import ops
 from vqkernels.reference import attention as reference_attention
 
 MakeAttn = Callable[[int], nn.Module]  # channels -> an AttnBlock (or its twin)
+MakeNorm = Callable[[int, bool], nn.Module]  # (channels, silu) -> a GroupNormAct
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,20 @@ class Layout:
     decoder_indexed_by_resolution: bool
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+class GroupNormAct(nn.GroupNorm):
+    """taming's ``Normalize`` (GroupNorm of 32 groups, eps 1e-6), then SiLU when ``silu``:
+    one ``ops.group_norm`` pass where ``fused``, else PyTorch's GroupNorm and SiLU."""
+
+    def __init__(self, channels: int, *, silu: bool, fused: bool, backend: str | None = None):
+        super().__init__(32, channels, eps=1e-6, affine=True)
+        self.silu, self.fused, self.backend = silu, fused, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return ops.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps,
+                                  silu=self.silu, backend=self.backend)
+        h = super().forward(x)
+        return F.silu(h) if self.silu else h
 
 
 def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -45,22 +59,23 @@ def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
 class ResnetBlock(nn.Module):
     """``shortcut(x) + conv2(dropout(swish(norm2(conv1(swish(norm1(x)))))))``.
 
-    The shortcut is a 1x1 ``nin_shortcut`` conv where the channels change.
+    The shortcut is a 1x1 ``nin_shortcut`` conv where the channels change; each
+    ``swish(norm(.))`` is one module of ``make_norm``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, make_norm: MakeNorm):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = make_norm(in_channels, True)
         self.conv1 = conv3x3(in_channels, out_channels)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = make_norm(out_channels, True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv3x3(out_channels, out_channels)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.dropout(self.norm2(h)))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return shortcut + h
 
@@ -73,10 +88,12 @@ class AttnBlock(nn.Module):
     ``ops.attention`` as (B, 1, H*W, C) views of a single projection.
     """
 
+    fused_norm = True  # ops.group_norm; the twin's is PyTorch's
+
     def __init__(self, channels: int, *, backend: str | None = None):
         super().__init__()
         self.backend = backend
-        self.norm = group_norm(channels)
+        self.norm = GroupNormAct(channels, silu=False, fused=self.fused_norm, backend=backend)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1)
                                                  for _ in range(4))
 
@@ -96,6 +113,8 @@ class AttnBlock(nn.Module):
 
 class ReferenceAttnBlock(AttnBlock):
     """The pure-PyTorch twin of :class:`AttnBlock` (explicit softmax), for parity."""
+
+    fused_norm = False
 
     def _attend(self, q, k, v):
         return reference_attention.attention(q, k, v)
@@ -148,20 +167,22 @@ class Level(nn.Module):
 
 
 def _level(layout: Layout, in_channels: int, out_channels: int, num_blocks: int, dropout: float,
-           with_attn: bool, make_attn: MakeAttn, resample_name: str,
+           with_attn: bool, make_attn: MakeAttn, make_norm: MakeNorm, resample_name: str,
            resample: type[nn.Module] | None) -> Level:
-    blocks = [ResnetBlock(in_channels if j == 0 else out_channels, out_channels, dropout)
-              for j in range(num_blocks)]
+    blocks = [ResnetBlock(in_channels if j == 0 else out_channels, out_channels, dropout,
+                          make_norm) for j in range(num_blocks)]
     attns = [make_attn(out_channels) for _ in blocks] if with_attn else []
     return Level(layout.blocks, blocks, attns, resample_name,
                  resample(out_channels) if resample is not None else None)
 
 
-def _mid(layout: Layout, channels: int, dropout: float, make_attn: MakeAttn) -> nn.Sequential:
+def _mid(layout: Layout, channels: int, dropout: float, make_attn: MakeAttn,
+         make_norm: MakeNorm) -> nn.Sequential:
     block_1, attn_1, block_2 = layout.mid
-    return nn.Sequential(OrderedDict([(block_1, ResnetBlock(channels, channels, dropout)),
-                                      (attn_1, make_attn(channels)),
-                                      (block_2, ResnetBlock(channels, channels, dropout))]))
+    return nn.Sequential(OrderedDict([
+        (block_1, ResnetBlock(channels, channels, dropout, make_norm)),
+        (attn_1, make_attn(channels)),
+        (block_2, ResnetBlock(channels, channels, dropout, make_norm))]))
 
 
 class Encoder(nn.Module):
@@ -170,27 +191,27 @@ class Encoder(nn.Module):
 
     def __init__(self, layout: Layout, *, in_channels: int, out_channels: int, ch: int,
                  ch_mult: Sequence[int], num_res_blocks: int, attn_levels: set[int],
-                 dropout: float, make_attn: MakeAttn):
+                 dropout: float, make_attn: MakeAttn, make_norm: MakeNorm):
         super().__init__()
         self.conv_in = conv3x3(in_channels, ch)
         levels, channels = [], ch
         for i, mult in enumerate(ch_mult):
             last = i == len(ch_mult) - 1
             levels.append(_level(layout, channels, ch * mult, num_res_blocks, dropout,
-                                 i in attn_levels, make_attn, "downsample",
+                                 i in attn_levels, make_attn, make_norm, "downsample",
                                  None if last else Downsample))
             channels = ch * mult
         self.levels_name = layout.encoder_levels
         setattr(self, self.levels_name, nn.ModuleList(levels))
-        self.mid = _mid(layout, channels, dropout, make_attn)
-        self.norm_out = group_norm(channels)
+        self.mid = _mid(layout, channels, dropout, make_attn, make_norm)
+        self.norm_out = make_norm(channels, True)
         self.conv_out = conv3x3(channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in getattr(self, self.levels_name):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(self.norm_out(self.mid(h)))
 
 
 class Decoder(nn.Module):
@@ -200,22 +221,22 @@ class Decoder(nn.Module):
 
     def __init__(self, layout: Layout, *, z_channels: int, out_channels: int, ch: int,
                  ch_mult: Sequence[int], num_res_blocks: int, attn_levels: set[int],
-                 dropout: float, make_attn: MakeAttn):
+                 dropout: float, make_attn: MakeAttn, make_norm: MakeNorm):
         super().__init__()
         channels = ch * ch_mult[-1]
         self.conv_in = conv3x3(z_channels, channels)
-        self.mid = _mid(layout, channels, dropout, make_attn)
+        self.mid = _mid(layout, channels, dropout, make_attn, make_norm)
         run_order = []
         for i in reversed(range(len(ch_mult))):
             run_order.append(_level(layout, channels, ch * ch_mult[i], num_res_blocks + 1,
-                                    dropout, i in attn_levels, make_attn, "upsample",
+                                    dropout, i in attn_levels, make_attn, make_norm, "upsample",
                                     Upsample if i else None))
             channels = ch * ch_mult[i]
         self.levels_name = layout.decoder_levels
         self.reversed_storage = layout.decoder_indexed_by_resolution
         stored = run_order[::-1] if self.reversed_storage else run_order
         setattr(self, self.levels_name, nn.ModuleList(stored))
-        self.norm_out = group_norm(channels)
+        self.norm_out = make_norm(channels, True)
         self.conv_out = conv3x3(channels, out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -223,4 +244,4 @@ class Decoder(nn.Module):
         levels = getattr(self, self.levels_name)
         for level in (reversed(levels) if self.reversed_storage else levels):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))

@@ -4,9 +4,10 @@
 subclasses pick the module names (a ``Layout``), where attention goes and the
 quantizer. The convolutions run channels-last (NHWC): oneDNN and cuDNN convolve
 NHWC without converting activations to and from their blocked layouts at every
-layer (a 128 px LlamaGen tokenize on 2 CPU cores: 1.1x the NCHW model). The
-reference twins keep the originals' NCHW and swap in ``ReferenceAttnBlock`` and a
-reference quantizer.
+layer (a 128 px LlamaGen tokenize on 2 CPU cores: 1.1x the NCHW model), and
+``ops.group_norm`` normalizes NHWC in place of layout (PyTorch's CUDA GroupNorm
+copies it to NCHW). The reference twins keep the originals' NCHW, PyTorch's
+GroupNorm and SiLU, ``ReferenceAttnBlock`` and a reference quantizer.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from vqkernels.models._conv_blocks import AttnBlock, Decoder, Encoder, Layout
+from vqkernels.models._conv_blocks import AttnBlock, Decoder, Encoder, GroupNormAct, Layout
 
 
 class VQTokenizer(nn.Module):
@@ -24,6 +25,7 @@ class VQTokenizer(nn.Module):
 
     attn_block = AttnBlock
     memory_format = torch.channels_last  # of the conv weights and activations
+    fused_norm = True  # GroupNorm (+ SiLU) by ops.group_norm; the twins' by PyTorch
 
     def __init__(self, layout: Layout, *, in_channels: int, out_channels: int, ch: int,
                  encoder_ch_mult: Sequence[int], decoder_ch_mult: Sequence[int],
@@ -38,7 +40,7 @@ class VQTokenizer(nn.Module):
         self.in_channels, self.embed_dim = in_channels, embed_dim
         self.downsample_factor = 2 ** (len(encoder_ch_mult) - 1)
         shared = dict(ch=ch, num_res_blocks=num_res_blocks, attn_levels=attn_levels,
-                      dropout=dropout, make_attn=self._make_attn)
+                      dropout=dropout, make_attn=self._make_attn, make_norm=self._make_norm)
         self.encoder = Encoder(layout, in_channels=in_channels, out_channels=z_channels,
                                ch_mult=encoder_ch_mult, **shared)
         self.decoder = Decoder(layout, z_channels=z_channels, out_channels=out_channels,
@@ -49,6 +51,9 @@ class VQTokenizer(nn.Module):
 
     def _make_attn(self, channels: int) -> nn.Module:
         return self.attn_block(channels, backend=self.backend)
+
+    def _make_norm(self, channels: int, silu: bool) -> nn.Module:
+        return GroupNormAct(channels, silu=silu, fused=self.fused_norm, backend=self.backend)
 
     def encode(self, x: torch.Tensor):
         """Images (B, C, H, W) -> the quantizer's ``(quant, emb_loss, info)``."""

@@ -108,6 +108,7 @@ class ReferenceLlamaGenVQ(LlamaGenVQ):
 
     attn_block = ReferenceAttnBlock
     memory_format = torch.contiguous_format  # NCHW, as the original
+    fused_norm = False
 
     def __init__(self, codebook_size: int = 16384, codebook_embed_dim: int = 8, **kwargs):
         super().__init__(codebook_size, codebook_embed_dim, **kwargs)

@@ -80,6 +80,7 @@ class ReferenceVQGAN(VQGAN):
 
     attn_block = ReferenceAttnBlock
     memory_format = torch.contiguous_format  # NCHW, as the original
+    fused_norm = False
 
     def __init__(self, ddconfig: Mapping, n_embed: int, embed_dim: int, *,
                  remap: str | None = None, sane_index_shape: bool = False):
