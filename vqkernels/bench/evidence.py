@@ -28,6 +28,7 @@ TEST_FAMILIES = {
     "test_residual_vq": "rvq", "test_residual_nearest_code": "rvq",
     "test_ddim": "ddim", "test_sampler": "ddim", "test_scheduler": "ddim",
     "test_attention": "attention", "test_adaln": "adaln", "test_dit_block": "adaln",
+    "test_gelu": "adaln", "test_group_norm": "models",
     "test_dit_model": "models", "test_dit_diffusers": "models", "test_vqgan": "models",
     "test_llamagen": "models", "test_demo": "models",
 }
@@ -48,7 +49,7 @@ SELFTEST_FAMILIES = {
     "code_counts_and_sums": "ema", "ema_update_": "ema", "ema_update_stages_": "ema",
     "ddim_step": "ddim",
     "attention": "attention", "layer_norm_modulate": "adaln", "gated_residual": "adaln",
-    "gated_residual_layer_norm_modulate": "adaln",
+    "gated_residual_layer_norm_modulate": "adaln", "gelu_tanh": "adaln", "group_norm": "models",
 }
 # Sanitizer lines that start a record but are not errors (ERROR SUMMARY does not count them).
 _SANITIZER_NOT_ERRORS = ("COMPUTE-SANITIZER", "ERROR SUMMARY", "LEAK SUMMARY",
