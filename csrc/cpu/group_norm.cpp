@@ -45,33 +45,16 @@ VQK_ALWAYS_INLINE void plane_sums(const T* p, int64_t n, double k, double* s1, d
   });
 }
 
-// NHWC, `rows` pixel rows of C: s1[c] += x - k[c], s2[c] += (x - k[c])^2. By blocks of
-// kBlock channels whose running sums stay in registers down the rows.
-template <typename T, int64_t kBlock>
-VQK_ALWAYS_INLINE void row_block_sums(const T* x, int64_t rows, int64_t c, const double* k,
-                                      double* s1, double* s2) {
-  double a1[kBlock] = {}, a2[kBlock] = {}, shift[kBlock];
-  std::copy(k, k + kBlock, shift);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < kBlock; ++j) {
-      const double d = static_cast<double>(x[r * c + j]) - shift[j];
-      a1[j] += d;
-      a2[j] += d * d;
-    }
-  for (int64_t j = 0; j < kBlock; ++j) {
-    s1[j] += a1[j];
-    s2[j] += a2[j];
-  }
-}
-
+// NHWC, `rows` pixel rows of C: s1[c] += x - k[c], s2[c] += (x - k[c])^2, vectorized over c.
 template <typename T>
-VQK_ALWAYS_INLINE void row_sums(const T* x, int64_t rows, int64_t c, const double* k,
-                                double* s1, double* s2) {
-  constexpr int64_t kBlock = 16;
-  int64_t j = 0;
-  for (; j + kBlock <= c; j += kBlock)
-    row_block_sums<T, kBlock>(x + j, rows, c, k + j, s1 + j, s2 + j);
-  for (; j < c; ++j) row_block_sums<T, 1>(x + j, rows, c, k + j, s1 + j, s2 + j);
+VQK_ALWAYS_INLINE void row_sums(const T* x, int64_t rows, int64_t c, const double* k, double* s1,
+                                double* s2) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < c; ++j) {
+      const double d = static_cast<double>(x[r * c + j]) - k[j];
+      s1[j] += d;
+      s2[j] += d * d;
+    }
 }
 
 template <bool kSilu, typename T, typename V, typename U>
