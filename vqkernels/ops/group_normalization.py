@@ -2,8 +2,8 @@
 ``swish(norm(x))`` in one pass).
 
 x contiguous (NCHW) or channels-last stays in its layout: PyTorch's CUDA GroupNorm
-converts a channels-last input to NCHW, and its CPU kernel runs channels-last
-slowly, so a channels-last VQGAN would otherwise pay a copy (or more) a norm.
+makes a channels-last input contiguous first, so a channels-last VQGAN would pay a
+copy there and another for the next convolution, at every norm.
 Backends: C++ CPU (float32 / float64), Triton, and the reference; gradients by
 the reference formula (``reference.group_norm.group_norm_backward``) in PyTorch
 ops. ``auto``: on CPU the C++ kernel, on CUDA Triton.
