@@ -28,14 +28,16 @@ def run_python(*args: str, cwd=TESTS_DIR, env=None, timeout: float = 600):
                           text=True, timeout=timeout)
 
 
-def kernel_backends():
-    """(backend, device) pairs for the compiled/JIT backends, marked by where they run."""
-    return [
+def kernel_backends(without=()):
+    """(backend, device) pairs for the compiled/JIT backends, marked by where they run; ids in
+    ``without`` left out (an op without that kernel)."""
+    params = [
         pytest.param("cpu", "cpu", id="cpu"),
         pytest.param("triton", "cpu", id="triton-interp", marks=pytest.mark.interpreter),
         pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
         pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
     ]
+    return [param for param in params if param.id not in without]
 
 
 def backend_cases(cases, backends=None):

@@ -7,14 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import backend_cases
+from helpers import backend_cases, kernel_backends
 from vqkernels import ops
 from vqkernels.reference import gelu as reference
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
-            pytest.param("triton", "cpu", id="triton-interp", marks=pytest.mark.interpreter),
-            pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda)]
+BACKENDS = kernel_backends(without=("cuda",))  # Triton is its GPU kernel
 BACKEND_DTYPES = {"cpu": (F32, F64, F16, BF16), "triton-interp": (F32,),
                   "triton-cuda": (F32, F16, BF16)}
 # |got - exact| <= atol + rtol |exact|: float32 math a few ulp off, plus the tail, where an

@@ -5,15 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import backend_cases
+from helpers import backend_cases, kernel_backends
 from vqkernels import BackendUnavailableError, ops
 from vqkernels.reference.group_norm import group_norm_statistics
 from vqkernels.testing import assert_within_contract
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
-            pytest.param("triton", "cpu", id="triton-interp", marks=pytest.mark.interpreter),
-            pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda)]
+BACKENDS = kernel_backends(without=("cuda",))  # Triton is its GPU kernel
 BACKEND_DTYPES = {"cpu": (F32, F64), "triton-interp": (F32,), "triton-cuda": (F32, F16, BF16)}
 # (shape, groups): taming's 32 groups, odd sizes, one channel a group, one pixel, 2-D and 3-D
 SHAPES = [((2, 6, 5, 7), 3), ((3, 64, 4, 4), 32), ((2, 32, 1, 1), 32), ((2, 8, 3), 4),

@@ -17,10 +17,8 @@ import torch
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
 from vqkernels.ops._layout import unit_inner_stride
+from vqkernels.ops._tensors import GPU_DTYPES, check_float_tensor
 from vqkernels.reference import adaln as reference
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --- backends: validated tensors (unit stride along D), gate and y None without residual -----
@@ -123,12 +121,12 @@ def _validated(*named):
     """The tensors of ``named`` (("x", x), then y / shift / scale / gate) after checking
     shapes, dtypes and devices; each with unit stride along D (copied at most once)."""
     (_, x), rest = named[0], named[1:]
-    _check_tensor("x", x)
+    check_float_tensor("x", x)
     if x.dim() != 3 or x.shape[-1] < 1:
         raise ValueError(f"x must be (B, T, D) with D >= 1, got shape {tuple(x.shape)}")
     b, t, d = x.shape
     for name, v in rest:
-        _check_tensor(name, v)
+        check_float_tensor(name, v)
         if v.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {v.dtype}")
         if v.device != x.device:
@@ -144,13 +142,6 @@ def _validated(*named):
         raise ValueError(f"{' and '.join(n for n, _ in params)} must all be per sample (B, D) or "
                          f"all per token (B, T, D), got {forms}")
     return tuple(unit_inner_stride(v) for _, v in named)
-
-
-def _check_tensor(name, v):
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
-    if v.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {v.dtype}")
 
 
 def _validated_eps(eps):

@@ -20,9 +20,9 @@ from vqkernels import _ext
 from vqkernels._dispatch import (Backend, OpDispatch, device_capability,
                                  triton_reasons)
 from vqkernels.ops._layout import unit_inner_stride
+from vqkernels.ops._tensors import FLOAT_DTYPES
 from vqkernels.reference import attention as reference
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_MAX_HEAD_DIM = 256
 
 

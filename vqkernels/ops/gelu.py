@@ -12,10 +12,8 @@ import torch
 
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.ops._tensors import GPU_DTYPES, check_float_tensor
 from vqkernels.reference import gelu as reference
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --- backends: validated tensors; inplace -> overwrite x (contiguous) and return it --------
@@ -64,10 +62,7 @@ def gelu_tanh(x: torch.Tensor, *, inplace: bool = False,
     one). ``backend``: "auto" (default, or $VQKERNELS_BACKEND), "reference",
     "cpu" or "triton".
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_float_tensor("x", x)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     if inplace and x.requires_grad and torch.is_grad_enabled():

@@ -16,10 +16,8 @@ import torch
 
 from vqkernels import _ext
 from vqkernels._dispatch import Backend, OpDispatch
+from vqkernels.ops._tensors import GPU_DTYPES, check_float_tensor
 from vqkernels.reference import group_norm as reference
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --- backends: validated x (contiguous or channels-last), weight and bias (C,) -------------
@@ -78,10 +76,7 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 def _check(x, num_groups, weight, bias, eps, silu):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_float_tensor("x", x)
     if x.dim() < 2 or 0 in x.shape[2:]:
         raise ValueError(f"x must be (B, C, *spatial) with no empty spatial dim, got shape "
                          f"{tuple(x.shape)}")
