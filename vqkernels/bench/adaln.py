@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from vqkernels._dispatch import OpDispatch
-from vqkernels.bench.cases import (COMPILED, REFERENCE, Case, compiled_contender,
-                                   forward_only, sort_out, usable_backends)
+from vqkernels.bench.cases import (COMPILED, REFERENCE, Case, eager_compiled_and_kernels,
+                                   forward_only, sort_out)
 from vqkernels.nn import DiTBlock, ReferenceDiTBlock
 from vqkernels.ops import adaln, gelu
 
@@ -120,15 +120,10 @@ def op_case(kind: OpKind, shape: tuple[int, int, int], dtype: torch.dtype,
     args = _inputs(shape, dtype, device, backward, kind.args)
     grads = tuple(torch.randn_like(args[0]) for _ in range(kind.outputs))
     run = functools.partial(_forward_backward, grads=grads) if backward else forward_only
-    contenders, skipped = compiled_contender(lambda fn: functools.partial(run, fn, args),
-                                             kind.eager, compiled)
-    for name in usable_backends(kind.dispatch, device, dtype):
-        if name == REFERENCE:  # the eager code is the reference row
-            continue
-        ours = functools.partial(kind.op, backend=name)
-        contenders[name] = (functools.partial(run, ours, args), (NotImplementedError,))
-    fns, skipped = sort_out({REFERENCE: functools.partial(run, kind.eager, args)}, contenders,
-                            skipped)
+    fns, skipped = eager_compiled_and_kernels(
+        lambda fn: functools.partial(run, fn, args), kind.eager,
+        lambda name: functools.partial(kind.op, backend=name), kind.dispatch, device, dtype,
+        compiled)
     b, t, d = shape
     return Case(op="adaln", shape=case_label(kind.label, backward, (b, t, kind.width * d), dtype),
                 fns=fns, skipped=skipped, baselines=(COMPILED,),

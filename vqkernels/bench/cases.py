@@ -122,6 +122,19 @@ def sort_out(fns: dict, contenders: dict, skipped: dict) -> tuple[dict, dict]:
     return fns, skipped
 
 
+def eager_compiled_and_kernels(run: Callable[[Callable], Callable[[], object]],
+                               eager: Callable, ours: Callable[[str], Callable], dispatch,
+                               device: torch.device, dtype: torch.dtype,
+                               compiled: bool) -> tuple[dict, dict]:
+    """``sort_out`` of an op's rows: ``run(eager)`` as the reference, its torch.compile (when
+    ``compiled``) and ``run(ours(name))`` for each usable kernel backend of ``dispatch``."""
+    contenders, skipped = compiled_contender(run, eager, compiled)
+    for name in usable_backends(dispatch, device, dtype):
+        if name != REFERENCE:  # the eager code is the reference row
+            contenders[name] = (run(ours(name)), (NotImplementedError,))
+    return sort_out({REFERENCE: run(eager)}, contenders, skipped)
+
+
 def forward_only(fn: Callable, args: tuple) -> object:
     """``fn(*args)`` without autograd: a forward pass as inference runs it."""
     with torch.no_grad():

@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vqkernels.bench.adaln import block_flops
-from vqkernels.bench.cases import (COMPILED, REFERENCE, Case, compiled_contender, forward_only,
-                                   sort_out, usable_backends)
+from vqkernels.bench.cases import (COMPILED, REFERENCE, Case, compiled_contender,
+                                   eager_compiled_and_kernels, forward_only, sort_out)
 from vqkernels.bench.quantizer import TamingVectorQuantizer2
 from vqkernels.models import (VQGAN, DiT, DiT_models, LlamaGenVQ, ReferenceDiT,
                               ReferenceLlamaGenVQ, ReferenceVQGAN)
@@ -318,15 +318,9 @@ def group_norm_cases(shape: tuple[int, ...], dtype: torch.dtype,
         x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
         args = (x, torch.randn(shape[1], device=device, dtype=dtype),
                 torch.randn(shape[1], device=device, dtype=dtype))
-        contenders, skipped = compiled_contender(
-            lambda fn: functools.partial(forward_only, fn, args), eager_group_norm_silu, True)
-        for name in usable_backends(group_normalization.DISPATCH, device, dtype):
-            if name != REFERENCE:  # the eager code is the reference row
-                contenders[name] = (functools.partial(forward_only, _group_norm_silu(name), args),
-                                    (NotImplementedError,))
-        fns, skipped = sort_out({REFERENCE: functools.partial(forward_only,
-                                                              eager_group_norm_silu, args)},
-                                contenders, skipped)
+        fns, skipped = eager_compiled_and_kernels(
+            lambda fn: functools.partial(forward_only, fn, args), eager_group_norm_silu,
+            _group_norm_silu, group_normalization.DISPATCH, device, dtype, compiled=True)
         found.append(Case(op="models", shape=_label(f"gn-silu-{layout}", shape, dtype),
                           fns=fns, skipped=skipped, baselines=(COMPILED,),
                           bytes=2 * x.numel() * x.element_size()))
